@@ -1,0 +1,82 @@
+"""Shared measurement helpers for the pytest-benchmark suite (DESIGN §7).
+
+On the GPU every timed call ends with a synchronize and inputs rotate over sets larger than L2;
+each benchmark stores shape, dtype, backend, device, bytes moved, achieved GB/s and its ratio to
+baselines timed in the same run in ``benchmark.extra_info``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device, warmup: int = 1, reps: int = 5) -> float:
+    """Median seconds of ``fn()`` (CUDA events on the GPU, perf_counter on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_benchmark(benchmark, fn: Callable[[], object], device, rounds: int = 5,
+                  warmup: int = 1) -> float:
+    """Time ``fn`` with pytest-benchmark (synchronized on the GPU); returns the median seconds."""
+
+    def call():
+        fn()
+        sync(device)
+
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    return benchmark.stats.stats.median
+
+
+def record(benchmark, *, seconds: float, shape, dtype, backend: str, device, bytes_moved: int,
+           baselines: dict[str, float] | None = None, floor_seconds: float | None = None) -> None:
+    """Fill ``extra_info``: achieved GB/s and ratios ``baseline_time / this_time``."""
+    info = benchmark.extra_info
+    info.update(shape=list(shape), dtype=str(dtype).replace("torch.", ""), backend=backend,
+                device=device_name(device), bytes_moved=int(bytes_moved),
+                gbps=round(bytes_moved / seconds / 1e9, 2), median_s=seconds)
+    if floor_seconds is not None:
+        info["floor_s"] = floor_seconds
+        info["x_of_floor"] = round(seconds / floor_seconds, 2)
+    for name, t in (baselines or {}).items():
+        info[f"{name}_s"] = t
+        info[f"speedup_vs_{name}"] = round(t / seconds, 2)
+
+
+def device_name(device) -> str:
+    d = torch.device(device)
+    if d.type == "cuda":
+        return torch.cuda.get_device_name(d)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@pytest.fixture
+def gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device("cuda")

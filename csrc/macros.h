@@ -1,0 +1,26 @@
+// Shared by the CPU (.cpp) and CUDA (.cu) translation units: the per-voxel math headers are
+// compiled for both, so the CPU tests exercise the very arithmetic the CUDA kernels run.
+#pragma once
+
+#ifdef __CUDACC__
+#define GVSL_HD __host__ __device__ __forceinline__
+#else
+#define GVSL_HD inline
+#endif
+
+#include <cmath>
+#include <cstdint>
+
+namespace gvsl {
+
+// Accumulation type: float for float/half/bfloat16 inputs, double for double.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+template <typename T> using acc_t = typename Acc<T>::type;
+
+GVSL_HD float gfloor(float x) { return floorf(x); }
+GVSL_HD double gfloor(double x) { return floor(x); }
+GVSL_HD float gnearbyint(float x) { return nearbyintf(x); }
+GVSL_HD double gnearbyint(double x) { return nearbyint(x); }
+
+}  // namespace gvsl

@@ -1,0 +1,7 @@
+"""Drop-in registration ops (DESIGN §2-3): every op takes ``backend=`` in
+("auto", "cuda", "triton", "cpu", "reference") and matches ``gvsl_fast.ops.reference``."""
+
+from gvsl_fast.ops import reference
+from gvsl_fast.ops.reference import smooth_loss
+
+__all__ = ["reference", "smooth_loss"]

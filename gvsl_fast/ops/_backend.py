@@ -1,0 +1,159 @@
+"""Backend choice and input checks shared by every op (DESIGN §2).
+
+``backend="auto"`` takes the CUDA extension for CUDA tensors, else Triton, else the reference;
+for CPU tensors the C++ extension, else the reference. A fallback is announced once per op and
+reason, never silent. Asking for a backend that cannot run raises an error naming what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_DTYPES = FAST_DTYPES + (torch.float64,)
+
+try:
+    from gvsl_fast import _C  # noqa: F401  (registers torch.ops.gvsl_fast.*)
+
+    _C_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _C_ERROR = (
+        f"the compiled extension gvsl_fast._C is not importable ({exc}); "
+        "build it with `pip install --no-build-isolation -e .`"
+    )
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on the install
+    _TRITON_ERROR = f"triton is not importable ({exc})"
+
+_announced: set[tuple[str, str]] = set()
+
+
+def extension_error() -> str | None:
+    """Why the C++ extension cannot be used, or None."""
+    return _C_ERROR
+
+
+def cuda_kernels_error() -> str | None:
+    """Why the CUDA kernels of the extension cannot be used, or None."""
+    if _C_ERROR:
+        return _C_ERROR
+    if not torch.ops.gvsl_fast.cuda_built():
+        return (
+            "gvsl_fast._C was built without CUDA kernels (torch without CUDA, no nvcc, "
+            "or GVSL_FAST_CUDA=0 at build time)"
+        )
+    return None
+
+
+def triton_error(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on `device`, or None."""
+    if _TRITON_ERROR:
+        return _TRITON_ERROR
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
+
+
+def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' needs CPU tensors, got {device}"
+        if dtype not in CPU_DTYPES:
+            return f"backend 'cpu' supports {CPU_DTYPES}, got {dtype}"
+        return _C_ERROR
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' needs CUDA tensors, got {device}"
+        if dtype not in FAST_DTYPES:
+            return f"backend 'cuda' supports {FAST_DTYPES}, got {dtype}"
+        return cuda_kernels_error()
+    if backend == "triton":
+        if dtype not in FAST_DTYPES:
+            return f"backend 'triton' supports {FAST_DTYPES}, got {dtype}"
+        return triton_error(device)
+    raise AssertionError(backend)
+
+
+def resolve(op: str, backend: str, tensors: Sequence[torch.Tensor]) -> str:
+    """The concrete backend that runs `op` on `tensors` for the requested `backend`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    device, dtype = tensors[0].device, tensors[0].dtype
+    if backend != "auto":
+        why = _why_not(backend, device, dtype)
+        if why:
+            raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
+        return backend
+    order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    reasons = []
+    for cand in order:
+        why = _why_not(cand, device, dtype)
+        if why is None:
+            return cand
+        reasons.append(why)
+    key = (op, "; ".join(reasons))
+    if key not in _announced:
+        _announced.add(key)
+        warnings.warn(
+            f"gvsl_fast.ops.{op}: backend='auto' falls back to the PyTorch reference: {key[1]}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "reference"
+
+
+# ---- input checks --------------------------------------------------------------------------
+
+
+def check_volume(op: str, name: str, t: torch.Tensor, channels: int | None = None) -> None:
+    """A (B, C, D, H, W) floating, non-empty tensor (with `channels` channels if given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 5:
+        raise ValueError(
+            f"{op}: `{name}` must be 5-D (B, C, D, H, W), got shape {tuple(t.shape)}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: `{name}` must be a floating tensor, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{op}: `{name}` is empty, shape {tuple(t.shape)}")
+    if channels is not None and t.shape[1] != channels:
+        raise ValueError(
+            f"{op}: `{name}` must have {channels} channels, got shape {tuple(t.shape)}"
+        )
+
+
+def check_same(op: str, **tensors: torch.Tensor) -> None:
+    """All tensors on one device with one dtype."""
+    items = list(tensors.items())
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{op}: `{n}` is on {t.device} but `{n0}` is on {t0.device}")
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{op}: `{n}` has dtype {t.dtype} but `{n0}` has {t0.dtype}")
+
+
+def check_choice(op: str, name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{op}: `{name}` must be one of {tuple(choices)}, got {value!r}")
+
+
+def layout(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when contiguous or channels_last_3d (kernels take strides), else a contiguous copy."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last_3d):
+        return t
+    return t.contiguous()

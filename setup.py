@@ -1,0 +1,62 @@
+"""Builds gvsl_fast._C: CPU C++ always; the CUDA kernels too when torch has CUDA and nvcc exists.
+
+Environment:
+  GVSL_FAST_CUDA=0       build without the CUDA kernels even where they could be built
+  TORCH_CUDA_ARCH_LIST   GPU targets; defaults to the local GPU, or "9.0" (Hopper) with none
+  GVSL_FAST_PORTABLE=1   no -march=native for the CPU kernels (for wheels built elsewhere)
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("GVSL_FAST_CUDA", "1") == "0":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp"]
+    if os.environ.get("GVSL_FAST_PORTABLE", "0") != "1":
+        cxx.append("-march=native")
+    kwargs = dict(
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+    if _want_cuda():
+        if not torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        return CUDAExtension(
+            "gvsl_fast._C",
+            sources,
+            define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            **kwargs,
+        )
+    return CppExtension("gvsl_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+setup(
+    packages=[
+        "gvsl_fast",
+        "gvsl_fast.ops",
+        "gvsl_fast.models",
+        "gvsl_fast.data",
+        "gvsl_fast.train",
+        "gvsl_fast.kernels",
+    ],
+    package_dir={"gvsl_fast.kernels": "kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
