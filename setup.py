@@ -7,6 +7,7 @@ Environment:
 """
 
 import glob
+import importlib.util
 import os
 
 import torch
@@ -20,6 +21,14 @@ def _want_cuda() -> bool:
     if os.environ.get("GVSL_FAST_CUDA", "1") == "0":
         return False
     return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _wheel_cuda_includes() -> list[str]:
+    """Headers of the CUDA libraries that torch's CUDA wheel brings (cuSPARSE, cuBLAS, ...), which
+    a bare toolkit with only nvcc may lack; ATen's CUDA headers include them."""
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    return sorted(d for r in roots for d in glob.glob(os.path.join(r, "*", "include")))
 
 
 def extension():
@@ -36,6 +45,7 @@ def extension():
         if not torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        kwargs["include_dirs"] += _wheel_cuda_includes()
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension(
             "gvsl_fast._C",
