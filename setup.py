@@ -27,7 +27,7 @@ def _wheel_cuda_includes() -> list[str]:
     """Headers of the CUDA libraries that torch's CUDA wheel brings (cuSPARSE, cuBLAS, ...), which
     a bare toolkit with only nvcc may lack; ATen's CUDA headers include them."""
     spec = importlib.util.find_spec("nvidia")
-    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    roots = list(spec.submodule_search_locations or []) if spec else []
     return sorted(d for r in roots for d in glob.glob(os.path.join(r, "*", "include")))
 
 

@@ -153,7 +153,8 @@ def check_choice(op: str, name: str, value: str, choices: Sequence[str]) -> None
 
 
 def layout(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself when contiguous or channels_last_3d (kernels take strides), else a contiguous copy."""
+    """`t` itself when contiguous or channels_last_3d (kernels take strides), else a
+    contiguous copy."""
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last_3d):
         return t
     return t.contiguous()

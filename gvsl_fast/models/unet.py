@@ -1,0 +1,119 @@
+"""The 3D U-Net backbone of GVSL (DESIGN §4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DOWN = (32, 64, 128, 256, 512)
+UP = (256, 128, 64, 32)
+
+
+class ConvBlock(nn.Sequential):
+    """2 x [Conv3d 3^3 (padding 1) -> GroupNorm(C // 8 groups) -> LeakyReLU(0.2)]."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        layers = []
+        for c in (cin, cout):
+            layers += [nn.Conv3d(c, cout, 3, padding=1), nn.GroupNorm(max(cout // 8, 1), cout),
+                       nn.LeakyReLU(0.2, inplace=True)]
+        super().__init__(*layers)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal convolutions (for LeakyReLU(0.2)), zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight, a=0.2, nonlinearity="leaky_relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class UNet3D(nn.Module):
+    """3D U-Net returning global features (bottleneck, 512 ch at 1/16 resolution) and local
+    features (last decoder output, 32 ch at full resolution).
+
+    Args:
+        in_channels: image channels.
+        down: encoder widths (five levels).
+        up: decoder widths (four levels).
+        grad_checkpoint: recompute each block in the backward pass to save activation memory.
+
+    Inputs of any size are zero-padded to a multiple of 16 and the local features cropped back.
+    """
+
+    def __init__(self, in_channels: int = 1, down: tuple[int, ...] = DOWN,
+                 up: tuple[int, ...] = UP, grad_checkpoint: bool = False) -> None:
+        super().__init__()
+        if len(down) != 5 or len(up) != 4:
+            raise ValueError(f"UNet3D: `down` needs 5 widths and `up` 4, got {down}, {up}")
+        self.config = {"in_channels": in_channels, "down": list(down), "up": list(up)}
+        self.grad_checkpoint = grad_checkpoint
+        self.encoder = nn.ModuleList(
+            [ConvBlock(in_channels, down[0])]
+            + [ConvBlock(down[i], down[i + 1]) for i in range(4)]
+        )
+        skips = down[3::-1]
+        prev = (down[4],) + tuple(up[:3])
+        self.decoder = nn.ModuleList(
+            [ConvBlock(p + s, u) for p, s, u in zip(prev, skips, up, strict=True)]
+        )
+        init_weights(self)
+
+    @property
+    def out_channels(self) -> int:
+        return self.config["up"][-1]
+
+    @property
+    def global_channels(self) -> int:
+        return self.config["down"][-1]
+
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(f_g, f_l)`` for ``x`` of shape (B, C, D, H, W)."""
+        size = x.shape[2:]
+        pad = [(-s) % 16 for s in size]
+        if any(pad):
+            x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
+        skips = []
+        for i, block in enumerate(self.encoder):
+            if i:
+                x = F.max_pool3d(x, 2)
+            x = self._run(block, x)
+            skips.append(x)
+        f_g = x
+        for block, skip in zip(self.decoder, reversed(skips[:-1]), strict=True):
+            x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)
+            x = self._run(block, torch.cat([x, skip], dim=1))
+        return f_g, x[:, :, : size[0], : size[1], : size[2]]
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the state_dict to ``path`` and its configuration to ``path`` + ``.json``."""
+        path = Path(path)
+        torch.save(self.state_dict(), path)
+        path.with_suffix(path.suffix + ".json").write_text(json.dumps(self.config, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu",
+                        **kwargs) -> UNet3D:
+        """Load a backbone written by ``gvsl-fast export`` (or ``save_pretrained``)."""
+        path = Path(path)
+        cfg_path = path.with_suffix(path.suffix + ".json")
+        if not path.is_file():
+            raise FileNotFoundError(f"UNet3D.from_pretrained: no weights at {path}")
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"UNet3D.from_pretrained: no configuration at {cfg_path}")
+        cfg = json.loads(cfg_path.read_text())
+        model = cls(cfg["in_channels"], tuple(cfg["down"]), tuple(cfg["up"]), **kwargs)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+        return model

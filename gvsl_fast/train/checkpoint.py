@@ -1,0 +1,101 @@
+"""Atomic, validated checkpoints (DESIGN §5): temp file + fsync + rename, keep-last-N."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "gvsl-fast-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, or not from this model."""
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Checkpoints in ``out_dir``, oldest first."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if _NAME.match(p.name))
+
+
+def save(state: dict, path: Path, keep_last: int | None = None) -> Path:
+    """Write ``state`` to ``path`` atomically; then keep only the newest ``keep_last``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if keep_last:
+        for old in list_checkpoints(path.parent)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read and validate a checkpoint; one clear error naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises several types for a cut-off zip/pickle
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt and cannot be read ({exc})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a gvsl-fast checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {state.get('version')}, expected {VERSION}"
+        )
+    return state
+
+
+def resolve_resume(resume: str, out_dir: Path) -> Path | None:
+    """``auto``: the newest checkpoint in ``out_dir`` (None if there is none); else a path."""
+    if resume == "auto":
+        found = list_checkpoints(out_dir)
+        return found[-1] if found else None
+    return Path(resume)
+
+
+def check_model_state(path: Path, model: torch.nn.Module, state_dict: dict) -> None:
+    """Refuse a checkpoint written for another model, naming what differs."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("shape mismatch", wrong)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+        raise CheckpointError(
+            f"checkpoint {path} was written for another model ({'; '.join(parts)})"
+        )

@@ -1,0 +1,102 @@
+"""Loss history (CSV, TensorBoard when installed) and the two pictures of a run."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+COLUMNS = ("step", "loss", "ncc", "smooth", "mse", "pairs_per_s", "seconds")
+
+
+class History:
+    """``history.csv`` in the run folder; on resume, rows past the resumed step are dropped so the
+    file matches the checkpoint it continues from."""
+
+    def __init__(self, out_dir: Path, start_step: int) -> None:
+        self.path = Path(out_dir) / "history.csv"
+        self.rows: list[dict] = []
+        if start_step and self.path.is_file():
+            with self.path.open() as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        with self.path.open("w", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS)
+            w.writeheader()
+            w.writerows(self.rows)
+        self.tb = _tensorboard(out_dir)
+
+    def append(self, row: dict) -> None:
+        row = {k: row[k] for k in COLUMNS}
+        self.rows.append(row)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, COLUMNS).writerow(row)
+        if self.tb is not None:
+            for k in ("loss", "ncc", "smooth", "mse", "pairs_per_s"):
+                self.tb.add_scalar(f"train/{k}", float(row[k]), int(row["step"]))
+
+    def column(self, name: str) -> list[float]:
+        return [float(r[name]) for r in self.rows]
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(Path(out_dir) / "tensorboard"))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(history: History, path: Path) -> None:
+    """Total, NCC, smoothness and restoration losses against the step."""
+    plt = _pyplot()
+    steps = history.column("step")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, name in zip(axes, ("loss", "ncc", "smooth", "mse"), strict=True):
+        values = history.column(name)
+        ax.plot(steps, values, lw=0.8, alpha=0.5)
+        if len(values) >= 10:  # a running mean shows the trend through per-batch noise
+            k = max(len(values) // 10, 2)
+            kernel = torch.ones(k) / k
+            smooth = torch.nn.functional.conv1d(torch.tensor(values).view(1, 1, -1),
+                                                kernel.view(1, 1, -1)).flatten()
+            ax.plot(steps[k - 1:], smooth.tolist(), lw=1.6)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_preview(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tensor,
+                 restored: torch.Tensor, path: Path) -> None:
+    """Middle slices (three planes) of fixed B, moving A, A warped onto B, and restored A."""
+    plt = _pyplot()
+    vols = {"fixed B": fixed, "moving A": moving, "warped A": warped, "restored A": restored}
+    fig, axes = plt.subplots(3, 4, figsize=(10, 7.5))
+    for col, (name, v) in enumerate(vols.items()):
+        v = v[0, 0].detach().float().cpu()
+        d, h, w = (s // 2 for s in v.shape)
+        for row, sl in enumerate((v[d], v[:, h], v[:, :, w])):
+            ax = axes[row, col]
+            ax.imshow(sl.numpy(), cmap="gray", vmin=0, vmax=1, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

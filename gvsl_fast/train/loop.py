@@ -1,0 +1,259 @@
+"""The GVSL pre-training loop (DESIGN §5): fast step, AMP, checkpoints, DDP, logs."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from gvsl_fast.data import make_loader, prepare_dataset
+from gvsl_fast.data.transforms import AppearanceTransform, SpatialTransform
+from gvsl_fast.models import GVSL, UNet3D
+from gvsl_fast.train import checkpoint, distributed
+from gvsl_fast.train.config import TrainConfig
+from gvsl_fast.train.logs import History, plot_losses, plot_preview
+
+
+def default_cache() -> Path:
+    """Where preprocessed data is cached: $GVSL_FAST_CACHE, else ~/.cache/gvsl-fast."""
+    return Path(os.environ.get("GVSL_FAST_CACHE", Path.home() / ".cache" / "gvsl-fast"))
+
+
+def choose_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: no CUDA device is available")
+    return device
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where supported (CPUs, Ampere and newer GPUs), else fp16 with a GradScaler."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The transforms' random stream of one step: a pure function of (seed, rank, step), so a
+    resumed run draws exactly what the uninterrupted run drew."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return g
+
+
+def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "apex-fused-adam":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError as exc:
+            raise RuntimeError(
+                f"--optimizer apex-fused-adam: apex is not importable ({exc}); "
+                "use --optimizer adam (torch's fused Adam on CUDA)"
+            ) from exc
+        return FusedAdam(params, lr=cfg.lr)
+    if cfg.optimizer != "adam":
+        raise ValueError(f"--optimizer must be 'adam' or 'apex-fused-adam', got {cfg.optimizer!r}")
+    return torch.optim.Adam(params, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> GVSL:
+    model = GVSL(UNet3D(grad_checkpoint=cfg.grad_checkpoint), fusion=cfg.fusion,
+                 ops_backend=cfg.ops_backend, weights=cfg.weights).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+class Trainer:
+    """Owns the model, optimizer, scaler, loader and transforms of one run."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.dist = distributed.setup("cuda" if cfg.device.startswith("cuda") or (
+            cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = choose_device(cfg.device, self.dist.local_rank)
+        self.cfg = cfg = cfg.resolved(self.device.type)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg, self.device)
+        self.ddp = (DistributedDataParallel(self.model) if self.dist.enabled else None)
+        self.forward = self.ddp if self.ddp is not None else self.model
+        if cfg.compile:
+            self.model.backbone = torch.compile(self.model.backbone)
+        self.optimizer = make_optimizer(self.model.parameters(), cfg, self.device)
+        self.amp_dtype = amp_dtype(self.device) if cfg.amp else None
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.appearance = AppearanceTransform()
+        self.spatial = SpatialTransform()
+        self.step = 0
+        self.loader = None
+        self.last = None
+
+    # -- data ---------------------------------------------------------------------------------
+    def open_data(self) -> None:
+        cfg = self.cfg
+        cache = Path(cfg.cache) if cfg.cache else default_cache()
+        data_dir = prepare_dataset(cfg.data, cache, spacing=(cfg.spacing,) * 3,
+                                   intensity=cfg.intensity, seed=cfg.seed)
+        self.loader = make_loader(data_dir, patch=cfg.patch, batch_size=cfg.batch_size,
+                                  seed=cfg.seed, kind=cfg.loader, device=self.device,
+                                  rank=self.dist.rank, world_size=self.dist.world_size,
+                                  workers=cfg.workers)
+        if self.dist.is_main:
+            print(f"gvsl-fast: data {data_dir} via the {self.loader.kind} loader "
+                  f"({self.loader.reason})", file=sys.stderr)
+
+    # -- one step -----------------------------------------------------------------------------
+    def prepare_batch(self, a: torch.Tensor, b: torch.Tensor, step: int):
+        """Appearance transform of A, then the same spatial augmentation of A, A_t and B."""
+        g = step_generator(self.cfg.seed, self.dist.rank, step, self.device)
+        a, b = a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)
+        a_t = self.appearance(a, generator=g)
+        a, a_t, b = self.spatial(a, a_t, b, generator=g)
+        if self.cfg.channels_last:
+            a, a_t, b = (x.contiguous(memory_format=torch.channels_last_3d) for x in (a, a_t, b))
+        return a, a_t, b
+
+    def train_step(self, a: torch.Tensor, a_t: torch.Tensor, b: torch.Tensor):
+        """Forward, backward and optimizer update; returns the model output."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.forward(a, a_t, b)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "backbone_config": self.model.backbone.config,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loader": self.loader.state_dict() if self.loader is not None else None,
+            "config": self.cfg.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def load_state(self, path: Path) -> None:
+        state = checkpoint.load(path, map_location=self.device)
+        checkpoint.check_model_state(path, self.model, state["model"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if state.get("loader") is not None and self.loader is not None:
+            self.loader.load_state_dict(state["loader"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        self.step = int(state["step"])
+
+    def save(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        path = checkpoint.checkpoint_path(self.cfg.out, self.step)
+        return checkpoint.save(self.state(), path, keep_last=self.cfg.keep_last)
+
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train from the current (or resumed) step to ``cfg.steps``."""
+        cfg, is_main = self.cfg, self.dist.is_main
+        if is_main:
+            cfg.out.mkdir(parents=True, exist_ok=True)
+            _check_out_dir(cfg)
+        self.open_data()
+        if cfg.resume is not None:
+            path = checkpoint.resolve_resume(cfg.resume, cfg.out)
+            if path is not None:
+                self.load_state(path)
+                if is_main:
+                    print(f"gvsl-fast: resumed from {path} at step {self.step}", file=sys.stderr)
+        history = History(cfg.out, self.step) if is_main else None
+        bar = _progress(cfg, self.step) if is_main else None
+        out = batch = rate = None
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                a, b = self.loader.batch(self.step)
+                batch = self.prepare_batch(a, b, self.step)
+                out = self.train_step(*batch)
+                self.step += 1
+                losses = {k: float(getattr(out, k)) for k in ("loss", "ncc", "smooth", "mse")}
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise FloatingPointError(f"non-finite loss at step {self.step}: {losses}")
+                dt = time.perf_counter() - t0
+                pairs = cfg.batch_size * self.dist.world_size / dt
+                rate = pairs if rate is None else 0.9 * rate + 0.1 * pairs
+                if is_main:
+                    history.append({"step": self.step, **losses, "pairs_per_s": round(pairs, 3),
+                                    "seconds": round(dt, 4)})
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses['loss']:.4f}", ncc=f"{losses['ncc']:.4f}",
+                                    pairs_s=f"{rate:.2f}")
+                    if self.step % cfg.log_every == 0:
+                        bar.write(f"step {self.step}/{cfg.steps}  " + "  ".join(
+                            f"{k} {v:.4f}" for k, v in losses.items()) + f"  pairs/s {rate:.2f}",
+                            file=sys.stderr)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save()
+                    if is_main:
+                        _pictures(cfg.out, history, batch, out)
+        finally:
+            if bar is not None:
+                bar.close()
+            if history is not None:
+                history.close()
+            distributed.cleanup()
+        self.last = (batch, out)
+        result = {"step": self.step, "out": str(cfg.out), "preset": cfg.preset,
+                  "device": str(self.device), "loader": self.loader.kind}
+        if out is not None:
+            result.update({k: float(getattr(out, k)) for k in ("loss", "ncc", "smooth", "mse")})
+        return result
+
+
+def _check_out_dir(cfg: TrainConfig) -> None:
+    """Refuse to start a fresh run over an existing one (its checkpoints would be pruned)."""
+    if cfg.resume is None and checkpoint.list_checkpoints(cfg.out):
+        raise RuntimeError(
+            f"--out {cfg.out} already holds checkpoints of a run; pass --resume auto to continue "
+            "it or choose another --out"
+        )
+
+
+def pretrain(cfg: TrainConfig) -> dict:
+    """Run GVSL pre-training as configured; returns the last losses and where they were written."""
+    return Trainer(cfg).fit()
+
+
+def _pictures(out_dir: Path, history: History, batch, out) -> None:
+    plot_losses(history, out_dir / "loss_curves.png")
+    if batch is not None and out is not None:
+        a, _, b = batch
+        plot_preview(b, a, out.warped, out.restored, out_dir / "registration_preview.png")
+
+
+def _progress(cfg: TrainConfig, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="gvsl-fast pretrain", unit="step",
+                disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)

@@ -1,0 +1,170 @@
+"""The training engine (DESIGN §5): the default run learns on real anatomy, fast and reference
+steps agree, resume is bit-exact, checkpoints fail clearly, DDP replicas stay identical."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from common import rel_err
+
+from gvsl_fast.cli import main
+from gvsl_fast.models import GVSL, UNet3D
+from gvsl_fast.train import checkpoint
+from gvsl_fast.train.config import TrainConfig
+from gvsl_fast.train.loop import pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _history(out: Path) -> list[dict]:
+    with (out / "history.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def cohort_cache(tmp_path_factory) -> Path:
+    """One embedded-cohort cache shared by the runs below (built once)."""
+    return tmp_path_factory.mktemp("cohort")
+
+
+def _cfg(out: Path, cache: Path, **kw) -> TrainConfig:
+    base = dict(out=out, steps=4, patch=(16, 16, 16), spacing=2.0, batch_size=1, save_every=2,
+                progress=False, workers=0, loader="torch")
+    base.update(kw)
+    return TrainConfig(cache=str(cache), **base)
+
+
+@pytest.mark.slow
+def test_default_amp_run_learns_on_real_anatomy(tmp_path, cohort_cache, monkeypatch):
+    """`gvsl-fast pretrain --amp` on the embedded MNI152 cohort: total and NCC losses go down,
+    and the run folder holds a checkpoint, the CSV history and both pictures."""
+    monkeypatch.setenv("GVSL_FAST_CACHE", str(cohort_cache))
+    out = tmp_path / "run"
+    code = main(["pretrain", "--amp", "--out", str(out), "--steps", "60", "--patch", "32",
+                 "--save-every", "30", "--no-progress", "--lr", "3e-4"])
+    assert code == 0
+    rows = _history(out)
+    assert len(rows) == 60
+    first, last = rows[:10], rows[-10:]
+
+    def mean(rs, k):
+        return sum(float(r[k]) for r in rs) / len(rs)
+
+    assert mean(last, "loss") < mean(first, "loss")
+    assert mean(last, "ncc") < mean(first, "ncc")
+    assert checkpoint.list_checkpoints(out)[-1].name == "ckpt_00000060.pt"
+    for png in ("loss_curves.png", "registration_preview.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+
+
+def test_fast_step_matches_reference_step():
+    """Same weights and batch, no AMP, on the CPU: the custom-op step and the reference step give
+    the same losses and gradients (DESIGN §6)."""
+    torch.manual_seed(0)
+    backbone = UNet3D(down=(8, 16, 16, 16, 32), up=(16, 16, 16, 8))
+    fast = GVSL(backbone, ops_backend="cpu")
+    ref = GVSL(UNet3D(down=(8, 16, 16, 16, 32), up=(16, 16, 16, 8)), ops_backend="reference")
+    ref.load_state_dict(fast.state_dict())
+    a, a_t, b = (torch.rand(2, 1, 16, 20, 24) for _ in range(3))
+    outs, grads = [], []
+    for model in (fast, ref):
+        model.zero_grad()
+        out = model(a, a_t, b)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for k in ("loss", "ncc", "smooth", "mse"):
+        assert rel_err(getattr(outs[0], k), getattr(outs[1], k)) < 1e-5, k
+    for name in grads[0]:
+        assert rel_err(grads[0][name], grads[1][name]) < 1e-4, name
+
+
+def test_resume_is_bit_identical(tmp_path, cohort_cache):
+    """N steps + resume + M steps == N + M steps, bit for bit, on the CPU."""
+    straight = tmp_path / "straight"
+    pretrain(_cfg(straight, cohort_cache, steps=4))
+    split = tmp_path / "split"
+    pretrain(_cfg(split, cohort_cache, steps=2))
+    pretrain(_cfg(split, cohort_cache, steps=4, resume="auto"))
+    a = checkpoint.load(straight / "ckpt_00000004.pt")
+    b = checkpoint.load(split / "ckpt_00000004.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert _history(straight) == [
+        {**r, "pairs_per_s": s["pairs_per_s"], "seconds": s["seconds"]}
+        for r, s in zip(_history(split), _history(straight), strict=True)
+    ]
+
+
+def test_checkpoint_errors_are_clear(tmp_path, cohort_cache):
+    out = tmp_path / "run"
+    pretrain(_cfg(out, cohort_cache, steps=2))
+    good = checkpoint.list_checkpoints(out)[-1]
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(cut)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(checkpoint.CheckpointError, match="not a gvsl-fast checkpoint"):
+        checkpoint.load(foreign)
+    other = GVSL(UNet3D(down=(8, 16, 16, 16, 32), up=(16, 16, 16, 8)), ops_backend="reference")
+    with pytest.raises(checkpoint.CheckpointError, match="another model"):
+        checkpoint.check_model_state(good, other, checkpoint.load(good)["model"])
+    # a fresh run refuses to overwrite an existing one; resume continues it
+    with pytest.raises(RuntimeError, match="already holds checkpoints"):
+        pretrain(_cfg(out, cohort_cache, steps=2))
+
+
+def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
+    """A save that dies mid-write leaves the previous checkpoint intact and no stray file."""
+    path = checkpoint.save({"step": 1, "x": torch.ones(3)}, tmp_path / "ckpt_00000001.pt")
+    before = path.read_bytes()
+
+    def boom(obj, f, *a, **kw):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save({"step": 1}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_export_and_info(tmp_path, cohort_cache, capsys):
+    out = tmp_path / "run"
+    pretrain(_cfg(out, cohort_cache, steps=2))
+    ckpt = checkpoint.list_checkpoints(out)[-1]
+    assert main(["export", str(ckpt), str(tmp_path / "backbone.pt")]) == 0
+    net = UNet3D.from_pretrained(tmp_path / "backbone.pt")
+    state = checkpoint.load(ckpt)["model"]
+    assert torch.equal(net.state_dict()["encoder.0.0.weight"], state["backbone.encoder.0.0.weight"])
+    assert main(["export", str(tmp_path / "nope.pt"), str(tmp_path / "x.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["info"]) == 0
+    assert "op backends" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_keep_identical_replicas(tmp_path):
+    """torchrun with 2 gloo processes: after a few steps both replicas hold the same weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    w0 = torch.load(tmp_path / "rank0.pt")
+    w1 = torch.load(tmp_path / "rank1.pt")
+    assert w0["step"] == w1["step"] == 3
+    assert w0["batch_sum"] != w1["batch_sum"]  # each rank saw its own data
+    for k, v in w0["model"].items():
+        assert torch.equal(v, w1["model"][k]), k
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt_*.pt")) == ["ckpt_00000003.pt"]
