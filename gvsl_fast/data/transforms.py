@@ -205,14 +205,15 @@ class AppearanceTransform:
     def params(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """All random choices for a batch shaped like ``x``, drawn in a fixed order."""
         B = x.shape[0]
-        size = torch.tensor(x.shape[2:], device=x.device)
         block = tuple(max(1, s // 20) for s in x.shape[2:])
-        span = (size - torch.tensor(block, device=x.device)).clamp_min(1)
-        zero = torch.zeros(3, dtype=torch.long, device=x.device)
+        gdev = _gen_device(generator, x)
+        starts = [torch.randint(max(1, s - b), (B, self.n_blocks), generator=generator,
+                                device=gdev, dtype=torch.int32)
+                  for s, b in zip(x.shape[2:], block, strict=True)]
         p = {
             "block": block,
             "shuffle": _rand(B, generator, x) < self.shuffle_p,
-            "starts": _randint(zero, span.expand(B, self.n_blocks, 3), generator, x),
+            "starts": torch.stack(starts, -1).to(x.device),
             "perm": torch.argsort(_rand((B, math.prod(block)), generator, x), dim=1),
             "nonlinear": _rand(B, generator, x) < self.nonlinear_p,
         }
