@@ -149,3 +149,21 @@ def test_bad_backend():
     p = T.AppearanceTransform().params(x)
     with pytest.raises(ValueError, match="backend"):
         T.appearance(x, p, "gpu")
+
+
+def test_cpu_op_under_torch_compile():
+    x = torch.rand(2, 1, 8, 9, 10)
+    p = make_params(x.shape, (2, 2, 2), 20, seed=6, shuffle=[True, True])
+    compiled = torch.compile(lambda v: T.appearance(v, p, "cpu") * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), T.appearance_torch(x, p) * 2, atol=1e-6, rtol=0)
+
+
+def test_auto_announces_the_torch_fallback(monkeypatch):
+    x = torch.rand(1, 1, 6, 7, 8)
+    p = make_params(x.shape, (1, 1, 1), 5, seed=7)
+    assert T.resolve_backend("auto", x) == "cpu"
+    monkeypatch.setattr(_backend, "extension_error", lambda: "no _C in this test")
+    with pytest.warns(RuntimeWarning, match="plain torch ops: no _C in this test"):
+        assert T.resolve_backend("auto", x) == "torch"
+    with pytest.raises(RuntimeError, match="backend='cpu' is not available: no _C"):
+        T.appearance(x, p, "cpu")

@@ -6,13 +6,15 @@ applies one random affine + smooth elastic warp per sample, identically to every
 
 Random parameters are drawn with ``generator`` on the generator's device (the default generator
 of the data's device when None) and moved to the data; pass a generator on the data's device to
-keep everything there. Per-voxel work is a handful of batched tensor ops or one Triton kernel;
-nothing loops over samples or blocks in Python.
+keep everything there. The appearance transforms run as one fused kernel (Triton on CUDA, C++ on
+the CPU; plain torch ops are the reference and the last resort), the spatial one as a single
+resampling; nothing loops over samples or blocks in Python.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,12 @@ from gvsl_fast.ops import _backend, reference
 affine_flow_warp = reference.affine_flow_warp
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
+_announced: set[tuple[str, str]] = set()
+
+if _backend.extension_error() is None:
+    @torch.library.register_fake("gvsl_fast::appearance")
+    def _appearance_fake(x, *args):
+        return torch.empty_like(x)
 
 
 def _gen_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
@@ -135,9 +143,15 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """``auto``: Triton for CUDA tensors, the C++ kernel for CPU tensors, else plain torch."""
     _backend.check_choice("AppearanceTransform", "backend", backend, BACKENDS)
     if backend == "auto":
-        if x.is_cuda:
-            return "triton" if _backend.triton_error(x.device) is None else "torch"
-        return "cpu" if _backend.extension_error() is None else "torch"
+        fast = "triton" if x.is_cuda else "cpu"
+        why = _backend.triton_error(x.device) if x.is_cuda else _backend.extension_error()
+        if why is None:
+            return fast
+        if (fast, why) not in _announced:
+            _announced.add((fast, why))
+            warnings.warn(f"AppearanceTransform: backend='auto' uses plain torch ops: {why}",
+                          RuntimeWarning, stacklevel=3)
+        return "torch"
     why = {"triton": _backend.triton_error(x.device),
            "cpu": _backend.extension_error() or (None if x.device.type == "cpu"
                                                  else "backend 'cpu' needs CPU tensors")}
