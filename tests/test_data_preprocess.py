@@ -39,7 +39,8 @@ def test_converts_good_files_and_reports_bad_ones(converted, capsys):
 
 def test_bad_files_named_in_summary(tmp_path, capsys):
     src = nifti_folder(tmp_path)
-    code = pp.main(["preprocess", str(src), str(tmp_path / "o"), *SPACING, "--no-progress"])
+    code = pp.main(["preprocess", str(src), str(tmp_path / "o"), *SPACING, "--no-progress",
+                    "--workers", "2"])
     cap = capsys.readouterr()
     assert code == 1
     assert "3 converted, 0 already done, 3 failed" in cap.out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def prepare_dataset(data: str | Path | None, cache_dir: Path, *,
     settings = Settings(spacing, intensity)
     key = hashlib.sha1(f"{folder.resolve()}|{settings.as_dict()}".encode()).hexdigest()[:12]
     out = Path(cache_dir) / f"{folder.name}-{key}"
-    summary = preprocess(folder, out, settings, progress=False)
+    summary = preprocess(folder, out, settings, workers=min(4, os.cpu_count() or 1))
     if not summary.entries:
         raise ValueError(f"no usable image in {folder}: " + "; ".join(summary.failed))
     return out

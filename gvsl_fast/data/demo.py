@@ -82,6 +82,7 @@ def demo_cohort(cache_dir: Path, n: int = 8, spacing: float | Sequence[float] = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _build(tmp, n, spacing, seed)
+        tmp.chmod(0o777 & ~nifti.UMASK)                # mkdtemp's 0700 -> the usual mode
         if out.exists():               # an incomplete earlier build, or a concurrent one
             shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
