@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from datasets import nifti_folder
+from nifti_inputs import nifti_folder
 
 from gvsl_fast.data import demo_cohort, loader, make_loader, nifti
 from gvsl_fast.data import preprocess as pp

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from datasets import BAD, GOOD, anatomical, nifti_folder
+from nifti_inputs import BAD, GOOD, anatomical, nifti_folder
 
 from gvsl_fast.data import nifti, prepare_dataset
 from gvsl_fast.data import preprocess as pp

@@ -133,7 +133,7 @@ class PairLoader:
         return x[:bs], x[bs:]
 
     def close(self) -> None:
-        """Release threads or pipelines (also done when the loader is garbage-collected)."""
+        """Release the worker threads or the DALI pipeline."""
 
 
 class TorchPairLoader(PairLoader):
