@@ -47,7 +47,8 @@ def _rand(shape, generator, like: torch.Tensor) -> torch.Tensor:
 def _randint(lo: torch.Tensor, hi: torch.Tensor, generator, like) -> torch.Tensor:
     """Integers in ``[lo, hi)`` elementwise (``hi > lo``), int64."""
     u = _rand(torch.broadcast_shapes(lo.shape, hi.shape), generator, like)
-    return (lo + torch.floor(u * (hi - lo).to(u.dtype)).long()).minimum(hi - 1)
+    # truncation (not torch.floor, which stalls on small CPU tensors with several threads)
+    return (lo + (u * (hi - lo).to(u.dtype)).long()).minimum(hi - 1)
 
 
 def _check(x: torch.Tensor, name: str = "x") -> None:
@@ -182,9 +183,14 @@ def bezier_lut(ctrl: torch.Tensor, size: int = 1024, steps: int = 4096) -> torch
     c = ctrl.double()
     xs = c[:, 0:1] * b1 + c[:, 2:3] * b2 + b3                                # (B, steps)
     ys = c[:, 1:2] * b1 + c[:, 3:4] * b2 + b3
-    u = torch.linspace(0, 1, size, device=ctrl.device, dtype=torch.float64)
-    u = u.expand(ctrl.shape[0], -1).contiguous()
-    hi = torch.searchsorted(xs, u).clamp(1, steps - 1)
+    B = ctrl.shape[0]
+    u = torch.linspace(0, 1, size, device=ctrl.device, dtype=torch.float64).expand(B, -1)
+    # hi[k] = #{xs < u_k} (searchsorted, which stalls on small inputs with several threads):
+    # each curve point counts for every grid index k > its x * (size - 1)
+    first = ((xs * (size - 1)).long() + 1).clamp(max=size)     # x >= 0: truncation is floor
+    first = first + torch.arange(B, device=ctrl.device).view(B, 1) * (size + 1)
+    count = torch.bincount(first.flatten(), minlength=B * (size + 1)).view(B, size + 1)
+    hi = count[:, :size].cumsum(1).clamp(1, steps - 1)
     x0, x1 = xs.gather(1, hi - 1), xs.gather(1, hi)
     y0, y1 = ys.gather(1, hi - 1), ys.gather(1, hi)
     w = ((u - x0) / (x1 - x0).clamp_min(1e-12)).clamp(0, 1)
