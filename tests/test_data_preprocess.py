@@ -209,3 +209,17 @@ def test_prepare_dataset_errors(tmp_path):
     (tmp_path / "bad" / "x.nii").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="no usable image"):
         prepare_dataset(tmp_path / "bad", tmp_path / "cache")
+
+
+def test_singleton_fourth_axis_and_duplicate_names(tmp_path, capsys):
+    """(X, Y, Z, 1) is a 3-D volume; a.nii beside a.nii.gz would write one output twice."""
+    src = tmp_path / "in"
+    src.mkdir()
+    data = np.asarray(nib.load(anatomical()).dataobj, np.float32)
+    nib.save(nib.Nifti1Image(data[..., None], np.eye(4)), src / "a.nii")
+    nib.save(nib.Nifti1Image(data, np.eye(4)), src / "a.nii.gz")
+    assert pp.main(["preprocess", str(src), str(tmp_path / "o"), "--no-progress"]) == 1
+    cap = capsys.readouterr()
+    assert "1 converted, 0 already done, 1 failed" in cap.out
+    assert "a.nii.gz: same output name as" in cap.err
+    assert np.load(tmp_path / "o" / "a.npy").shape == data.shape
