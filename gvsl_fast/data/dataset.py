@@ -1,0 +1,52 @@
+"""``prepare_dataset``: whatever ``--data`` names, a folder of preprocessed volumes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from gvsl_fast.data import nifti
+from gvsl_fast.data.demo import demo_cohort
+from gvsl_fast.data.preprocess import Settings, preprocess
+
+
+def prepare_dataset(data: str | Path | None, cache_dir: Path, *,
+                    spacing: Sequence[float] = (1.0, 1.0, 1.0), intensity: str = "mr",
+                    seed: int = 0) -> Path:
+    """The folder of preprocessed ``.npy`` volumes (+ sidecars, manifest) to train on.
+
+    Args:
+        data: ``None`` for the embedded MNI152 cohort (built once under ``cache_dir``); a folder
+            with a ``manifest.json`` of preprocessed volumes (used as is); or a folder of
+            ``.nii``/``.nii.gz`` files (preprocessed into ``cache_dir``, skipping done files).
+        cache_dir: where derived datasets are kept.
+        spacing: target voxel size (mm) for NIfTI input and the default cohort.
+        intensity: ``"mr"`` or ``"ct"`` normalization for NIfTI input.
+        seed: seed of the default cohort.
+
+    Raises:
+        FileNotFoundError: ``data`` does not exist, or holds no preprocessed dataset and no
+            NIfTI image.
+        ValueError: an existing manifest is damaged; no NIfTI file in ``data`` was usable.
+    """
+    spacing = tuple(float(s) for s in spacing)
+    if data is None:
+        return demo_cohort(Path(cache_dir), spacing=spacing, seed=seed)
+    folder = Path(data)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder {folder} does not exist")
+    if (folder / nifti.MANIFEST).is_file():
+        nifti.read_manifest(folder)
+        return folder
+    if not nifti.find_nifti(folder):
+        raise FileNotFoundError(f"no images in {folder}: expected .nii/.nii.gz files or a "
+                                f"preprocessed folder with {nifti.MANIFEST}")
+    settings = Settings(spacing, intensity)
+    key = hashlib.sha1(f"{folder.resolve()}|{settings.as_dict()}".encode()).hexdigest()[:12]
+    out = Path(cache_dir) / f"{folder.name}-{key}"
+    summary = preprocess(folder, out, settings, workers=min(4, os.cpu_count() or 1))
+    if not summary.entries:
+        raise ValueError(f"no usable image in {folder}: " + "; ".join(summary.failed))
+    return out
