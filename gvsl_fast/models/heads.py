@@ -37,7 +37,8 @@ def affine_matrix(rotation: torch.Tensor, scale: torch.Tensor, translation: torc
 
 class AffineHead(nn.Module):
     """cat(f_g(A), f_g(B)) -> ConvBlock(2C -> 256) -> global average pool -> four Linear layers
-    (rotation 3, scale 3, translation 3, shear 6) -> theta (B, 3, 4), F.affine_grid convention."""
+    (rotation 3, scale 3, translation 3, shear 6) -> theta (B, 3, 4), F.affine_grid convention.
+    Starts near the identity transform."""
 
     def __init__(self, in_channels: int = 512, hidden: int = 256) -> None:
         super().__init__()
@@ -47,6 +48,11 @@ class AffineHead(nn.Module):
         self.translation = nn.Linear(hidden, 3)
         self.shear = nn.Linear(hidden, 6)
         init_weights(self.conv)
+        # start at the identity transform, as spatial transformers do; small (not zero) weights
+        # keep gradients flowing into the convolution from the first step
+        for layer in (self.rotation, self.scale, self.translation, self.shear):
+            nn.init.normal_(layer.weight, std=1e-3)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, fg_a: torch.Tensor, fg_b: torch.Tensor) -> torch.Tensor:
         x = self.conv(torch.cat([fg_a, fg_b], dim=1)).mean(dim=(2, 3, 4))

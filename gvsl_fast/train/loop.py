@@ -197,7 +197,7 @@ class Trainer:
                 batch = self.prepare_batch(a, b, self.step)
                 out = self.train_step(*batch)
                 self.step += 1
-                losses = {k: float(getattr(out, k)) for k in ("loss", "ncc", "smooth", "mse")}
+                losses = {k: getattr(out, k).item() for k in ("loss", "ncc", "smooth", "mse")}
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise FloatingPointError(f"non-finite loss at step {self.step}: {losses}")
                 dt = time.perf_counter() - t0
