@@ -236,8 +236,8 @@ def voxelmorph_ncc(y_true, y_pred, win=9):
     """VoxelMorph's NCC.loss (voxelmorph/torch/losses.py), transcribed for a single channel."""
     filt = torch.ones(1, 1, win, win, win, dtype=y_true.dtype)
     pad = math.floor(win / 2)
-    I, J = y_true, y_pred
-    sums = [F.conv3d(x, filt, padding=pad) for x in (I, J, I * I, J * J, I * J)]
+    Ii, Ji = y_true, y_pred
+    sums = [F.conv3d(x, filt, padding=pad) for x in (Ii, Ji, Ii * Ii, Ji * Ji, Ii * Ji)]
     I_sum, J_sum, I2_sum, J2_sum, IJ_sum = sums
     win_size = win**3
     u_I, u_J = I_sum / win_size, J_sum / win_size

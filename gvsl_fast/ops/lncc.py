@@ -87,8 +87,8 @@ REDUCTIONS_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 
 def grad_of_cc(grad: torch.Tensor, a: torch.Tensor, reduction: int) -> torch.Tensor:
-    """``dL/dcc`` at every voxel in the accumulation dtype: the upstream map for ``none``, else
-    a broadcast scalar (``-grad / N`` for mean, ``-grad`` for sum; both loss terms are ``c - cc``)."""
+    """``dL/dcc`` at every voxel in the accumulation dtype: the upstream map for ``none``, else a
+    broadcast scalar (``-grad / N`` for mean, ``-grad`` for sum: each loss term is ``c - cc``)."""
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     if reduction == REDUCTIONS_CODE["none"]:
         return grad.to(acc)
@@ -103,12 +103,18 @@ def setup_context(ctx, inputs, output) -> None:
     ctx.reduction = reduction
 
 
-def _backward(ctx, grad: torch.Tensor):
-    a, b = ctx.saved_tensors
-    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    g = grad_of_cc(grad, a, ctx.reduction)
-    ga, gb = torch.ops.gvsl_fast.lncc_backward(g, a, b, *ctx.params, need_a, need_b)
-    return (ga if need_a else None, gb if need_b else None) + (None,) * 5
+def make_backward(backward_op):
+    """The autograd backward of a forward op whose gradients come from `backward_op`, which
+    computes only the maps asked for."""
+
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = grad_of_cc(grad, a, ctx.reduction)
+        ga, gb = backward_op(g, a, b, *ctx.params, need_a, need_b)
+        return (ga if need_a else None, gb if need_b else None) + (None,) * 5
+
+    return backward
 
 
 def _register() -> None:
@@ -128,7 +134,8 @@ def _register() -> None:
         gb = torch.empty_like(b) if need_b else b.new_empty(0)
         return ga, gb
 
-    torch.library.register_autograd("gvsl_fast::lncc_forward", _backward,
+    torch.library.register_autograd("gvsl_fast::lncc_forward",
+                                    make_backward(torch.ops.gvsl_fast.lncc_backward),
                                     setup_context=setup_context)
 
 
