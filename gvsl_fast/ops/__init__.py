@@ -2,6 +2,7 @@
 ("auto", "cuda", "triton", "cpu", "reference") and matches ``gvsl_fast.ops.reference``."""
 
 from gvsl_fast.ops import reference
+from gvsl_fast.ops.lncc import NCC, LocalNormalizedCrossCorrelationLoss, lncc
 from gvsl_fast.ops.reference import smooth_loss
 
-__all__ = ["reference", "smooth_loss"]
+__all__ = ["reference", "smooth_loss", "lncc", "NCC", "LocalNormalizedCrossCorrelationLoss"]

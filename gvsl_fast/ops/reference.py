@@ -215,14 +215,15 @@ def lncc_map(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-
 
 
 def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
-         reduction: str = "mean", preset: str = "gvsl") -> torch.Tensor:
+         reduction: str = "mean", preset: str = "gvsl", *, smooth_nr: float = 0.0) -> torch.Tensor:
     """Local normalized cross-correlation loss.
 
     ``reduction="none"`` returns the ``cc`` map in the input dtype. ``mean``/``sum`` return a
     float32 (float64 for float64 input) scalar: the reduction of ``1 - cc`` for ``gvsl`` (so the
     mean is GVSL's ``1 - mean(cc)``) and of ``-cc`` for ``voxelmorph`` and ``monai``.
+    ``smooth_nr`` is used by the ``monai`` preset only.
     """
-    cc = lncc_map(a, b, window, eps, preset)
+    cc = lncc_map(a, b, window, eps, preset, smooth_nr)
     if reduction == "none":
         return cc.to(a.dtype)
     loss = (1 - cc) if preset == "gvsl" else -cc

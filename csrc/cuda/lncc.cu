@@ -1,0 +1,368 @@
+// CUDA kernels of the fused local NCC (DESIGN §3); the per-voxel math is in csrc/lncc.h.
+//
+// One streaming kernel computes the zero-padded window sums of M quantities: a block owns a
+// TH x TW tile of (h, w) columns and a chunk of depth. For each slice it stages the tile plus
+// its halo in shared memory, sums along W then H there, and keeps the D sum as a running sum
+// over a register ring of the last K slice sums (K is a template parameter, so the ring index is
+// static). Loads and per-voxel consumers are functors: the forward (cc map, or per-block loss
+// partials summed in a fixed order afterwards), the backward's coefficient maps, and the
+// gradients (a gather: each voxel reads the window sums of the coefficient maps; no atomics).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "lncc.h"
+
+namespace {
+
+constexpr int TW = 32, TH = 8, THREADS = TW * TH;
+constexpr int MAX_WINDOW = 15;
+
+using gvsl::LnccParams;
+
+// float32, float16 and bfloat16 (float64 runs on the CPU backend only).
+#define GVSL_DISPATCH_FAST(TYPE, NAME, ...)                    \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+struct Strides {
+  int64_t b, c, d, h, w;
+};
+
+Strides strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+struct Shape {
+  int C, D, H, W;
+  __device__ int64_t at(const Strides& s, int bc, int d, int h, int w) const {
+    return (bc / C) * s.b + (bc % C) * s.c + d * s.d + int64_t(h) * s.h + int64_t(w) * s.w;
+  }
+};
+
+// I, J, I^2, J^2, IJ at one voxel.
+template <typename T> struct LoadInputs {
+  static constexpr int M = gvsl::kLnccSums;
+  const T *a, *b;
+  Strides sa, sb;
+  __device__ void operator()(const Shape& s, int bc, int d, int h, int w, float* q) const {
+    const float i = static_cast<float>(a[s.at(sa, bc, d, h, w)]);
+    const float j = static_cast<float>(b[s.at(sb, bc, d, h, w)]);
+    q[gvsl::kSI] = i;
+    q[gvsl::kSJ] = j;
+    q[gvsl::kSII] = i * i;
+    q[gvsl::kSJJ] = j * j;
+    q[gvsl::kSIJ] = i * j;
+  }
+};
+
+// The Q backward coefficient maps, stored (Q, B*C, D, H, W) contiguous.
+template <int Q> struct LoadCoefs {
+  static constexpr int M = Q;
+  const float* coef;
+  int64_t qstride;
+  __device__ void operator()(const Shape& s, int bc, int d, int h, int w, float* q) const {
+    const int64_t i = ((int64_t(bc) * s.D + d) * s.H + h) * s.W + w;
+#pragma unroll
+    for (int m = 0; m < Q; ++m) q[m] = coef[m * qstride + i];
+  }
+};
+
+// Forward: the cc map (out != nullptr), else returns the loss term for the block partials.
+template <typename T> struct ConsumeCC {
+  LnccParams<float> p;
+  T* out;
+  Strides so;
+  __device__ float operator()(const Shape& s, int bc, int d, int h, int w, const float* S) const {
+    const float cc = gvsl::lncc_cc(
+        gvsl::lncc_stats(S[gvsl::kSI], S[gvsl::kSJ], S[gvsl::kSII], S[gvsl::kSJJ], S[gvsl::kSIJ],
+                         p.n), p);
+    if (out) {
+      out[s.at(so, bc, d, h, w)] = static_cast<T>(cc);
+      return 0.f;
+    }
+    return gvsl::lncc_term(cc, p.preset);
+  }
+};
+
+// Backward pass 1: the coefficient maps from g = dL/dcc.
+template <int Q> struct ConsumeCoefs {
+  LnccParams<float> p;
+  const float* g;
+  Strides sg;
+  float* coef;
+  int64_t qstride;
+  bool need_a, need_b;
+  __device__ float operator()(const Shape& s, int bc, int d, int h, int w, const float* S) const {
+    const auto st = gvsl::lncc_stats(S[gvsl::kSI], S[gvsl::kSJ], S[gvsl::kSII], S[gvsl::kSJJ],
+                                     S[gvsl::kSIJ], p.n);
+    const auto k = gvsl::lncc_coefs(st, g[s.at(sg, bc, d, h, w)], p);
+    float maps[Q];
+    gvsl::lncc_coef_maps(st, k, need_a, need_b, maps);
+    const int64_t i = ((int64_t(bc) * s.D + d) * s.H + h) * s.W + w;
+#pragma unroll
+    for (int q = 0; q < Q; ++q) coef[q * qstride + i] = maps[q];
+    return 0.f;
+  }
+};
+
+// Backward pass 2: the gradients from the window sums of the coefficient maps.
+template <typename T> struct ConsumeGrads {
+  const T *a, *b;
+  T *ga, *gb;
+  Strides sa, sb, sga, sgb;
+  int jo;  // first of dL/db's three maps
+  __device__ float operator()(const Shape& s, int bc, int d, int h, int w, const float* S) const {
+    const float i = static_cast<float>(a[s.at(sa, bc, d, h, w)]);
+    const float j = static_cast<float>(b[s.at(sb, bc, d, h, w)]);
+    if (ga) ga[s.at(sga, bc, d, h, w)] = static_cast<T>(gvsl::lncc_grad(i, j, S[0], S[1], S[2], S[3]));
+    if (gb) {
+      gb[s.at(sgb, bc, d, h, w)] =
+          static_cast<T>(gvsl::lncc_grad(j, i, S[0], S[jo], S[jo + 1], S[jo + 2]));
+    }
+    return 0.f;
+  }
+};
+
+// Window sums over W then H of slice d for this thread's (h, w), from the halo tile.
+template <int K, int M, class Load>
+__device__ void slice_sums(const Load& load, const Shape& s, int bc, int d, int h0, int w0,
+                           float (*sx)[TH + K - 1][TW + K - 1], float (*sw)[TH + K - 1][TW],
+                           float* out) {
+  constexpr int R = K / 2, HH = TH + 2 * R, WW = TW + 2 * R;
+  const int tid = threadIdx.y * TW + threadIdx.x;
+  __syncthreads();  // the previous slice is done with sx and sw
+  for (int e = tid; e < HH * WW; e += THREADS) {
+    const int hh = e / WW, ww = e % WW, h = h0 + hh - R, w = w0 + ww - R;
+    float q[M];
+    if (h >= 0 && h < s.H && w >= 0 && w < s.W) {
+      load(s, bc, d, h, w, q);
+    } else {
+#pragma unroll
+      for (int m = 0; m < M; ++m) q[m] = 0.f;
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) sx[m][hh][ww] = q[m];
+  }
+  __syncthreads();
+  for (int e = tid; e < HH * TW; e += THREADS) {
+    const int hh = e / TW, x = e % TW;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float acc = 0.f;
+#pragma unroll
+      for (int j = 0; j < K; ++j) acc += sx[m][hh][x + j];
+      sw[m][hh][x] = acc;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) acc += sw[m][threadIdx.y + j][threadIdx.x];
+    out[m] = acc;
+  }
+}
+
+template <int K, class Load, class Consume>
+__global__ void __launch_bounds__(THREADS)
+    box_stream_kernel(Shape s, int chunks, int chunk, Load load, Consume consume, float* partial) {
+  constexpr int M = Load::M, R = K / 2;
+  __shared__ float sx[M][TH + 2 * R][TW + 2 * R];
+  __shared__ float sw[M][TH + 2 * R][TW];
+  __shared__ float red[THREADS / 32];
+  const int w0 = blockIdx.x * TW, h0 = blockIdx.y * TH;
+  const int bc = blockIdx.z / chunks, c = blockIdx.z % chunks;
+  const int d0 = c * chunk, d1 = min(s.D, d0 + chunk);
+  const int h = h0 + threadIdx.y, w = w0 + threadIdx.x;
+  const bool inside = h < s.H && w < s.W;
+  float ring[K][M], acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    acc[m] = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) ring[j][m] = 0.f;
+  }
+  float sum = 0.f;
+  for (int z0 = d0 - R; z0 < d1 + R; z0 += K) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int z = z0 + j;  // ring[j] holds slice z - K
+      if (z >= d1 + R) break;
+      float p[M];
+      if (z >= 0 && z < s.D) {
+        slice_sums<K, M>(load, s, bc, z, h0, w0, sx, sw, p);
+      } else {
+#pragma unroll
+        for (int m = 0; m < M; ++m) p[m] = 0.f;
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        acc[m] += p[m] - ring[j][m];
+        ring[j][m] = p[m];
+      }
+      if (inside && z - R >= d0) sum += consume(s, bc, z - R, h, w, acc);
+    }
+  }
+  if (partial == nullptr) return;
+  // Fixed-order block reduction of the loss terms: warp shuffles, then warp 0.
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
+  const int tid = threadIdx.y * TW + threadIdx.x;
+  if (tid % 32 == 0) red[tid / 32] = sum;
+  __syncthreads();
+  if (tid < 32) {
+    sum = tid < THREADS / 32 ? red[tid] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
+    if (tid == 0) {
+      partial[(int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = sum;
+    }
+  }
+}
+
+struct Launch {
+  dim3 grid;
+  int chunks, chunk;
+};
+
+// Tiles over (h, w); the depth is split into chunks until the grid fills the GPU, keeping
+// chunks at least 2K deep so the K - 1 warm-up slices of each stay a small overhead.
+Launch plan(int64_t BC, int64_t D, int64_t H, int64_t W, int k) {
+  const int64_t tiles = ((W + TW - 1) / TW) * ((H + TH - 1) / TH) * BC;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = (4 * sms + tiles - 1) / tiles;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(want, D / (2 * k)));
+  const int64_t chunk = (D + chunks - 1) / chunks;
+  const int64_t used = (D + chunk - 1) / chunk;
+  TORCH_CHECK(BC * used < 65536, "lncc: too many volumes for one launch");
+  return {dim3((W + TW - 1) / TW, (H + TH - 1) / TH, BC * used), int(used), int(chunk)};
+}
+
+template <class Load, class Consume>
+void launch(int k, const Shape& s, const Launch& l, const Load& load, const Consume& consume,
+            float* partial) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  switch (k) {
+#define GVSL_LNCC_CASE(K)                                                                 \
+  case K:                                                                                 \
+    box_stream_kernel<K><<<l.grid, dim3(TW, TH), 0, stream>>>(s, l.chunks, l.chunk, load, \
+                                                              consume, partial);          \
+    break;
+    GVSL_LNCC_CASE(1)
+    GVSL_LNCC_CASE(3)
+    GVSL_LNCC_CASE(5)
+    GVSL_LNCC_CASE(7)
+    GVSL_LNCC_CASE(9)
+    GVSL_LNCC_CASE(11)
+    GVSL_LNCC_CASE(13)
+    GVSL_LNCC_CASE(15)
+#undef GVSL_LNCC_CASE
+    default:
+      TORCH_CHECK(false, "lncc: the CUDA kernels support odd windows up to ", MAX_WINDOW,
+                  ", got ", k);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+struct Problem {
+  Shape s;
+  int64_t BC;
+  int k;
+  LnccParams<float> p;
+};
+
+Problem check_inputs(const at::Tensor& a, const at::Tensor& b, int64_t window, double eps,
+                     int64_t preset, double smooth_nr) {
+  TORCH_CHECK(a.is_cuda() && b.is_cuda() && a.device() == b.device(),
+              "lncc: a and b must be on one CUDA device");
+  TORCH_CHECK(a.dim() == 5 && a.sizes() == b.sizes(), "lncc: a and b must be 5-D with one shape");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "lncc: a and b must have one dtype");
+  TORCH_CHECK(window >= 1 && window % 2 == 1 && window <= MAX_WINDOW,
+              "lncc: the CUDA kernels support odd windows up to ", MAX_WINDOW, ", got ", window);
+  const Shape s{int(a.size(1)), int(a.size(2)), int(a.size(3)), int(a.size(4))};
+  const LnccParams<float> p{float(window * window * window), float(eps), float(smooth_nr),
+                            int(preset)};
+  return {s, a.size(0) * a.size(1), int(window), p};
+}
+
+template <typename T>
+at::Tensor forward_impl(const Problem& pr, const at::Tensor& a, const at::Tensor& b,
+                        int64_t reduction) {
+  const Launch l = plan(pr.BC, pr.s.D, pr.s.H, pr.s.W, pr.k);
+  const LoadInputs<T> load{a.data_ptr<T>(), b.data_ptr<T>(), strides_of(a), strides_of(b)};
+  if (reduction == gvsl::kLnccNone) {
+    at::Tensor out = at::empty_like(a);
+    launch(pr.k, pr.s, l, load, ConsumeCC<T>{pr.p, out.data_ptr<T>(), strides_of(out)}, nullptr);
+    return out;
+  }
+  at::Tensor partial =
+      at::empty({int64_t(l.grid.x) * l.grid.y * l.grid.z}, a.options().dtype(at::kFloat));
+  launch(pr.k, pr.s, l, load, ConsumeCC<T>{pr.p, nullptr, strides_of(a)},
+         partial.data_ptr<float>());
+  at::Tensor total = partial.to(at::kDouble).sum();  // a fixed-order reduction
+  if (reduction == gvsl::kLnccMean) total = total / double(a.numel());
+  return total.to(at::kFloat);
+}
+
+at::Tensor lncc_forward_cuda(const at::Tensor& a, const at::Tensor& b, int64_t window, double eps,
+                             int64_t preset, double smooth_nr, int64_t reduction) {
+  const Problem pr = check_inputs(a, b, window, eps, preset, smooth_nr);
+  const c10::cuda::CUDAGuard guard(a.device());
+  return GVSL_DISPATCH_FAST(a.scalar_type(), "lncc_forward_cuda", [&] {
+    return forward_impl<scalar_t>(pr, a, b, reduction);
+  });
+}
+
+template <int Q, typename T>
+void backward_impl(const Problem& pr, const at::Tensor& grad, const at::Tensor& a,
+                   const at::Tensor& b, at::Tensor& ga, at::Tensor& gb) {
+  const bool need_a = ga.numel() > 0, need_b = gb.numel() > 0;
+  const Launch l = plan(pr.BC, pr.s.D, pr.s.H, pr.s.W, pr.k);
+  at::Tensor coef = at::empty({Q, pr.BC, pr.s.D, pr.s.H, pr.s.W}, grad.options());
+  const int64_t qstride = coef.stride(0);
+  const LoadInputs<T> load{a.data_ptr<T>(), b.data_ptr<T>(), strides_of(a), strides_of(b)};
+  launch(pr.k, pr.s, l, load,
+         ConsumeCoefs<Q>{pr.p, grad.data_ptr<float>(), strides_of(grad), coef.data_ptr<float>(),
+                         qstride, need_a, need_b},
+         nullptr);
+  const ConsumeGrads<T> consume{a.data_ptr<T>(), b.data_ptr<T>(),
+                                need_a ? ga.data_ptr<T>() : nullptr,
+                                need_b ? gb.data_ptr<T>() : nullptr,
+                                strides_of(a), strides_of(b),
+                                strides_of(need_a ? ga : a), strides_of(need_b ? gb : b),
+                                need_a ? 4 : 1};
+  launch(pr.k, pr.s, l, LoadCoefs<Q>{coef.data_ptr<float>(), qstride}, consume, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> lncc_backward_cuda(const at::Tensor& grad, const at::Tensor& a,
+                                                      const at::Tensor& b, int64_t window,
+                                                      double eps, int64_t preset,
+                                                      double smooth_nr, bool need_a,
+                                                      bool need_b) {
+  const Problem pr = check_inputs(a, b, window, eps, preset, smooth_nr);
+  TORCH_CHECK(grad.sizes() == a.sizes() && grad.scalar_type() == at::kFloat &&
+                  grad.device() == a.device(),
+              "lncc_backward: grad must be float32 with the shape and device of a");
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor ga = need_a ? at::empty_like(a) : at::empty({0}, a.options());
+  at::Tensor gb = need_b ? at::empty_like(b) : at::empty({0}, b.options());
+  if (!need_a && !need_b) return {ga, gb};
+  GVSL_DISPATCH_FAST(a.scalar_type(), "lncc_backward_cuda", [&] {
+    if (need_a && need_b) {
+      backward_impl<7, scalar_t>(pr, grad, a, b, ga, gb);
+    } else {
+      backward_impl<4, scalar_t>(pr, grad, a, b, ga, gb);
+    }
+  });
+  return {ga, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gvsl_fast, CUDA, m) {
+  m.impl("lncc_forward", &lncc_forward_cuda);
+  m.impl("lncc_backward", &lncc_backward_cuda);
+}

@@ -1,0 +1,216 @@
+"""Fused local normalized cross-correlation (DESIGN §3) and drop-in loss modules.
+
+``lncc`` computes the five zero-padded window sums with separable running sums (work per voxel
+independent of the window), reduces ``mean``/``sum`` inside the kernel (no cc map is written)
+and recomputes the window sums in the backward instead of saving five maps. Gradient maps are
+computed only for the inputs that require grad.
+
+Drop-in modules: :class:`NCC` (VoxelMorph's ``NCC(win).loss(y_true, y_pred)``) and
+:class:`LocalNormalizedCrossCorrelationLoss` (MONAI's rectangular-kernel loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gvsl_fast.ops import _backend, reference
+from gvsl_fast.ops.reference import PRESETS, REDUCTIONS
+
+__all__ = ["lncc", "NCC", "LocalNormalizedCrossCorrelationLoss"]
+
+OP = "lncc"
+CUDA_MAX_WINDOW = 15  # the CUDA kernels keep a window-deep ring of planes in registers
+
+
+def _check(a: torch.Tensor, b: torch.Tensor, window: int, reduction: str, preset: str) -> None:
+    _backend.check_volume(OP, "a", a)
+    _backend.check_volume(OP, "b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"{OP}: `a` and `b` must have one shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    _backend.check_same(OP, a=a, b=b)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"{OP}: `window` must be an odd positive int, got {window!r}")
+    _backend.check_choice(OP, "reduction", reduction, REDUCTIONS)
+    _backend.check_choice(OP, "preset", preset, PRESETS)
+
+
+def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
+         reduction: str = "mean", preset: str = "gvsl", backend: str = "auto", *,
+         smooth_nr: float = 0.0) -> torch.Tensor:
+    """Local normalized cross-correlation of two volumes over cubic windows of side ``window``.
+
+    Args:
+        a: ``(B, C, D, H, W)`` volume (in GVSL the warped image, the only input needing grad).
+        b: volume of the same shape, device and dtype as ``a``.
+        window: odd window side ``k``; zero padding, fixed count ``k^3``.
+        eps: ``cc = cross^2 / (Ivar Jvar + eps)`` (gvsl, voxelmorph); for ``monai`` the variances
+            are clamped to at least ``eps`` (MONAI's ``smooth_dr``).
+        reduction: ``"mean"`` or ``"sum"`` of ``1 - cc`` (gvsl) or ``-cc`` (voxelmorph, monai),
+            a float32 scalar (float64 for float64 input); ``"none"`` returns the ``cc`` map in the
+            input dtype.
+        preset: ``"gvsl"``, ``"voxelmorph"`` or ``"monai"``.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+        smooth_nr: added to ``cross^2`` by the ``monai`` preset (MONAI's ``smooth_nr``).
+
+    Returns:
+        The loss scalar, or the ``cc`` map for ``reduction="none"``.
+
+    Raises:
+        ValueError: wrong rank, empty input, shape or device mismatch, even window, bad option.
+        TypeError: non-floating or mismatched dtypes.
+        RuntimeError: the requested backend cannot run here (the message says why).
+    """
+    _check(a, b, window, reduction, preset)
+    be = _backend.resolve(OP, backend, [a, b])
+    if be == "cuda" and window > CUDA_MAX_WINDOW:
+        if backend == "cuda":
+            raise RuntimeError(f"{OP}: backend='cuda' supports windows up to {CUDA_MAX_WINDOW}, "
+                               f"got {window}; use backend='triton'")
+        be = "triton"
+    if be == "reference":
+        return reference.lncc(a, b, window, eps, reduction, preset, smooth_nr=smooth_nr)
+    a, b = _backend.layout(a), _backend.layout(b)
+    args = (a, b, window, float(eps), PRESETS.index(preset), float(smooth_nr),
+            REDUCTIONS_CODE[reduction])
+    if be == "triton":
+        from gvsl_fast.kernels import lncc as triton_lncc
+
+        return triton_lncc.lncc_forward(*args)
+    return torch.ops.gvsl_fast.lncc_forward(*args)
+
+
+# Codes shared with csrc/lncc.h (LnccReduction) and kernels/lncc.py.
+REDUCTIONS_CODE = {"none": 0, "mean": 1, "sum": 2}
+
+
+def grad_of_cc(grad: torch.Tensor, a: torch.Tensor, reduction: int) -> torch.Tensor:
+    """``dL/dcc`` at every voxel in the accumulation dtype: the upstream map for ``none``, else a
+    broadcast scalar (``-grad / N`` for mean, ``-grad`` for sum: each loss term is ``c - cc``)."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    if reduction == REDUCTIONS_CODE["none"]:
+        return grad.to(acc)
+    scale = -1.0 / a.numel() if reduction == REDUCTIONS_CODE["mean"] else -1.0
+    return (grad.to(acc) * scale).expand(a.shape)
+
+
+def setup_context(ctx, inputs, output) -> None:
+    a, b, window, eps, preset, smooth_nr, reduction = inputs
+    ctx.save_for_backward(a, b)
+    ctx.params = (window, eps, preset, smooth_nr)
+    ctx.reduction = reduction
+
+
+def make_backward(backward_op):
+    """The autograd backward of a forward op whose gradients come from `backward_op`, which
+    computes only the maps asked for."""
+
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = grad_of_cc(grad, a, ctx.reduction)
+        ga, gb = backward_op(g, a, b, *ctx.params, need_a, need_b)
+        return (ga if need_a else None, gb if need_b else None) + (None,) * 5
+
+    return backward
+
+
+def _register() -> None:
+    if _backend.extension_error() is not None:
+        return
+
+    @torch.library.register_fake("gvsl_fast::lncc_forward")
+    def _(a, b, window, eps, preset, smooth_nr, reduction):
+        if reduction == REDUCTIONS_CODE["none"]:
+            return torch.empty_like(a)
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        return a.new_empty((), dtype=acc)
+
+    @torch.library.register_fake("gvsl_fast::lncc_backward")
+    def _(grad, a, b, window, eps, preset, smooth_nr, need_a, need_b):
+        ga = torch.empty_like(a) if need_a else a.new_empty(0)
+        gb = torch.empty_like(b) if need_b else b.new_empty(0)
+        return ga, gb
+
+    torch.library.register_autograd("gvsl_fast::lncc_forward",
+                                    make_backward(torch.ops.gvsl_fast.lncc_backward),
+                                    setup_context=setup_context)
+
+
+_register()
+
+
+# ---- drop-in modules -------------------------------------------------------------------------
+
+
+def _odd_window(win: int | Sequence[int] | None, default: int = 9) -> int:
+    """One cubic window side from an int or a per-axis list of equal sides (VoxelMorph style)."""
+    if win is None:
+        return default
+    if isinstance(win, int):
+        return win
+    sides = set(win)
+    if len(sides) != 1:
+        raise ValueError(f"{OP}: only cubic windows are supported, got {list(win)}")
+    return sides.pop()
+
+
+class NCC:
+    """VoxelMorph's local NCC loss: ``NCC(win).loss(y_true, y_pred) = -mean(cc)``.
+
+    Args:
+        win: window side (int, or a list of equal sides as VoxelMorph takes); default 9.
+        eps: added to ``Ivar * Jvar`` (VoxelMorph uses 1e-5).
+        backend: as :func:`lncc`.
+    """
+
+    def __init__(self, win: int | Sequence[int] | None = None, eps: float = 1e-5,
+                 backend: str = "auto") -> None:
+        self.win = _odd_window(win)
+        self.eps = eps
+        self.backend = backend
+
+    def loss(self, y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
+        return lncc(y_pred, y_true, self.win, self.eps, "mean", "voxelmorph", self.backend)
+
+
+class LocalNormalizedCrossCorrelationLoss(torch.nn.Module):
+    """MONAI's ``LocalNormalizedCrossCorrelationLoss`` with the rectangular kernel, 3-D.
+
+    Args:
+        spatial_dims: must be 3.
+        kernel_size: odd window side.
+        kernel_type: must be ``"rectangular"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the ``-cc`` map), as MONAI.
+        smooth_nr: added to ``cross^2``.
+        smooth_dr: lower clamp of each local variance.
+        backend: as :func:`lncc`.
+
+    Raises:
+        ValueError: unsupported ``spatial_dims``, ``kernel_type``, even kernel or bad reduction.
+    """
+
+    def __init__(self, spatial_dims: int = 3, kernel_size: int = 3,
+                 kernel_type: str = "rectangular", reduction: str = "mean",
+                 smooth_nr: float = 0.0, smooth_dr: float = 1e-5, backend: str = "auto") -> None:
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError(f"{OP}: only spatial_dims=3 is supported, got {spatial_dims}")
+        if kernel_type != "rectangular":
+            raise ValueError(f"{OP}: only kernel_type='rectangular' is supported, got "
+                             f"{kernel_type!r}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        _backend.check_choice(OP, "reduction", str(reduction), REDUCTIONS)
+        self.kernel_size = kernel_size
+        self.reduction = str(reduction)
+        self.smooth_nr = float(smooth_nr)
+        self.smooth_dr = float(smooth_dr)
+        self.backend = backend
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = lncc(pred, target, self.kernel_size, self.smooth_dr, self.reduction, "monai",
+                   self.backend, smooth_nr=self.smooth_nr)
+        return -out if self.reduction == "none" else out

@@ -1,0 +1,238 @@
+"""Triton backend of the fused local NCC (DESIGN §3).
+
+Window sums are separable running sums: one kernel runs a running sum along one axis of a
+stacked ``(M * B * C, D, H, W)`` float32 tensor, one program per block of lines (so the work per
+voxel does not depend on the window); three launches give the zero-padded box. Per-voxel
+kernels compute cc (or per-block loss partials, summed afterwards in a fixed order), the
+backward coefficient maps and the gradients with the arithmetic of ``csrc/lncc.h``. Loads are
+masked and upcast to float32 at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from gvsl_fast.ops.lncc import make_backward, setup_context
+
+GVSL, VOXELMORPH, MONAI = 0, 1, 2  # csrc/lncc.h LnccPreset
+NONE, MEAN, SUM = 0, 1, 2  # csrc/lncc.h LnccReduction
+LINES = 64  # lines per program of a running-sum pass
+BLOCK = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 1024  # voxels per program
+
+
+@triton.jit
+def _running_sum_kernel(x_ptr, y_ptr, n_lines, L, inner, R: tl.constexpr, LINES: tl.constexpr):
+    """y = zero-padded window sum of x (viewed as (outer, L, inner)) along L, window 2R + 1."""
+    line = tl.program_id(0) * LINES + tl.arange(0, LINES)
+    live = line < n_lines
+    base = (line // inner).to(tl.int64) * L * inner + (line % inner)
+    acc = tl.zeros([LINES], dtype=tl.float32)
+    for j in range(0, R + 1):
+        acc += tl.load(x_ptr + base + j * inner, mask=live & (j < L), other=0.0)
+    for i in range(0, L):
+        tl.store(y_ptr + base + i * inner, acc, mask=live)
+        add = tl.load(x_ptr + base + (i + R + 1) * inner, mask=live & (i + R + 1 < L), other=0.0)
+        sub = tl.load(x_ptr + base + (i - R) * inner, mask=live & (i - R >= 0), other=0.0)
+        acc += add - sub
+
+
+@triton.jit
+def _stack_inputs_kernel(a_ptr, b_ptr, x_ptr, N, BLOCK: tl.constexpr):
+    """x[0..4] = I, J, I^2, J^2, IJ (float32)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    i = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    j = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(x_ptr + offs, i, mask=m)
+    tl.store(x_ptr + N + offs, j, mask=m)
+    tl.store(x_ptr + 2 * N + offs, i * i, mask=m)
+    tl.store(x_ptr + 3 * N + offs, j * j, mask=m)
+    tl.store(x_ptr + 4 * N + offs, i * j, mask=m)
+
+
+@triton.jit
+def _stats(s_ptr, offs, m, N, n):
+    si = tl.load(s_ptr + offs, mask=m, other=0.0)
+    sj = tl.load(s_ptr + N + offs, mask=m, other=0.0)
+    sii = tl.load(s_ptr + 2 * N + offs, mask=m, other=0.0)
+    sjj = tl.load(s_ptr + 3 * N + offs, mask=m, other=0.0)
+    sij = tl.load(s_ptr + 4 * N + offs, mask=m, other=0.0)
+    mui = si / n
+    muj = sj / n
+    return sij - si * muj, sii - si * mui, sjj - sj * muj, mui, muj
+
+
+@triton.jit
+def _cc(cross, ivar, jvar, eps, smooth_nr, PRESET: tl.constexpr):
+    if PRESET == 2:
+        return (cross * cross + smooth_nr) / (tl.maximum(ivar, eps) * tl.maximum(jvar, eps))
+    return cross * cross / (ivar * jvar + eps)
+
+
+@triton.jit
+def _cc_kernel(s_ptr, out_ptr, partial_ptr, N, n, eps, smooth_nr, PRESET: tl.constexpr,
+               MAP: tl.constexpr, BLOCK: tl.constexpr):
+    """The cc map (MAP) or one partial sum of the loss terms per program."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    cross, ivar, jvar, mui, muj = _stats(s_ptr, offs, m, N, n)
+    cc = _cc(cross, ivar, jvar, eps, smooth_nr, PRESET)
+    if MAP:
+        tl.store(out_ptr + offs, cc.to(out_ptr.dtype.element_ty), mask=m)
+    else:
+        term = 1.0 - cc if PRESET == 0 else -cc
+        tl.store(partial_ptr + pid, tl.sum(tl.where(m, term, 0.0), axis=0))
+
+
+@triton.jit
+def _coef_kernel(s_ptr, g_ptr, c_ptr, N, n, eps, smooth_nr, PRESET: tl.constexpr,
+                 G_SCALAR: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Coefficient maps a; a*muJ, b, b*muI (NEED_A); a*muI, c, c*muJ (NEED_B)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    cross, ivar, jvar, mui, muj = _stats(s_ptr, offs, m, N, n)
+    if G_SCALAR:
+        g = tl.load(g_ptr)
+    else:
+        g = tl.load(g_ptr + offs, mask=m, other=0.0)
+    if PRESET == 2:
+        iv = tl.maximum(ivar, eps)
+        jv = tl.maximum(jvar, eps)
+        cc = (cross * cross + smooth_nr) / (iv * jv)
+        ka = 2.0 * g * cross / (iv * jv)
+        kb = tl.where(ivar >= eps, 2.0 * g * cc / iv, 0.0)
+        kc = tl.where(jvar >= eps, 2.0 * g * cc / jv, 0.0)
+    else:
+        r = cross / (ivar * jvar + eps)
+        ka = 2.0 * g * r
+        kb = 2.0 * g * r * r * jvar
+        kc = 2.0 * g * r * r * ivar
+    tl.store(c_ptr + offs, ka, mask=m)
+    q = 1
+    if NEED_A:
+        tl.store(c_ptr + N + offs, ka * muj, mask=m)
+        tl.store(c_ptr + 2 * N + offs, kb, mask=m)
+        tl.store(c_ptr + 3 * N + offs, kb * mui, mask=m)
+        q = 4
+    if NEED_B:
+        tl.store(c_ptr + q * N + offs, ka * mui, mask=m)
+        tl.store(c_ptr + (q + 1) * N + offs, kc, mask=m)
+        tl.store(c_ptr + (q + 2) * N + offs, kc * muj, mask=m)
+
+
+@triton.jit
+def _grad_kernel(box_ptr, a_ptr, b_ptr, ga_ptr, gb_ptr, N, NEED_A: tl.constexpr,
+                 NEED_B: tl.constexpr, BLOCK: tl.constexpr):
+    """dL/dI = J Box(a) - Box(a muJ) - I Box(b) + Box(b muI); likewise for dL/dJ."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    i = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    j = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    box_a = tl.load(box_ptr + offs, mask=m, other=0.0)
+    q = 1
+    if NEED_A:
+        amu = tl.load(box_ptr + N + offs, mask=m, other=0.0)
+        bb = tl.load(box_ptr + 2 * N + offs, mask=m, other=0.0)
+        bmu = tl.load(box_ptr + 3 * N + offs, mask=m, other=0.0)
+        tl.store(ga_ptr + offs, (j * box_a - amu - i * bb + bmu).to(ga_ptr.dtype.element_ty),
+                 mask=m)
+        q = 4
+    if NEED_B:
+        amu = tl.load(box_ptr + q * N + offs, mask=m, other=0.0)
+        cb = tl.load(box_ptr + (q + 1) * N + offs, mask=m, other=0.0)
+        cmu = tl.load(box_ptr + (q + 2) * N + offs, mask=m, other=0.0)
+        tl.store(gb_ptr + offs, (i * box_a - amu - j * cb + cmu).to(gb_ptr.dtype.element_ty),
+                 mask=m)
+
+
+def _box(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Zero-padded window sums of the stacked float32 volumes ``x`` (V, D, H, W), in place of a
+    copy: three running-sum passes (W, H, D) ping-ponging between two buffers."""
+    V, D, H, W = x.shape
+    y = torch.empty_like(x)
+    for L, inner in ((W, 1), (H, W), (D, H * W)):
+        lines = x.numel() // L
+        _running_sum_kernel[(triton.cdiv(lines, LINES),)](x, y, lines, L, inner, R=window // 2,
+                                                          LINES=LINES)
+        x, y = y, x
+    return x
+
+
+def _window_sums(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
+    """The five window sums SI, SJ, SII, SJJ, SIJ as a (5, N) float32 tensor."""
+    N = a.numel()
+    D, H, W = a.shape[2:]
+    x = torch.empty((5, N), device=a.device, dtype=torch.float32)
+    _stack_inputs_kernel[(triton.cdiv(N, BLOCK),)](a, b, x, N, BLOCK=BLOCK)
+    return _box(x.view(-1, D, H, W), window).view(5, N)
+
+
+@torch.library.custom_op("gvsl_fast::lncc_triton_forward", mutates_args=())
+def lncc_forward(a: torch.Tensor, b: torch.Tensor, window: int, eps: float, preset: int,
+                 smooth_nr: float, reduction: int) -> torch.Tensor:
+    a, b = a.contiguous(), b.contiguous()
+    N = a.numel()
+    s = _window_sums(a, b, window)
+    grid = (triton.cdiv(N, BLOCK),)
+    if reduction == NONE:
+        out = a.new_empty(a.shape)
+        _cc_kernel[grid](s, out, out, N, float(window**3), eps, smooth_nr, PRESET=preset,
+                         MAP=True, BLOCK=BLOCK)
+        return out
+    partial = torch.empty(grid[0], device=a.device, dtype=torch.float32)
+    _cc_kernel[grid](s, partial, partial, N, float(window**3), eps, smooth_nr, PRESET=preset,
+                     MAP=False, BLOCK=BLOCK)
+    total = partial.double().sum()  # a fixed-order reduction
+    if reduction == MEAN:
+        total = total / N
+    return total.float()
+
+
+@lncc_forward.register_fake
+def _(a, b, window, eps, preset, smooth_nr, reduction):
+    return a.new_empty(a.shape) if reduction == NONE else a.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("gvsl_fast::lncc_triton_backward", mutates_args=())
+def lncc_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, window: int, eps: float,
+                  preset: int, smooth_nr: float, need_a: bool,
+                  need_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    ga, gb = _grad_buffers(a, b, need_a, need_b)
+    if not (need_a or need_b):
+        return ga, gb
+    a, b = a.contiguous(), b.contiguous()
+    N = a.numel()
+    D, H, W = a.shape[2:]
+    scalar = grad.stride() == (0,) * grad.dim()
+    g = grad.as_strided((1,), (1,)) if scalar else grad.contiguous()
+    Q = 1 + 3 * need_a + 3 * need_b
+    s = _window_sums(a, b, window)
+    coef = torch.empty((Q, N), device=a.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, BLOCK),)
+    _coef_kernel[grid](s, g, coef, N, float(window**3), eps, smooth_nr, PRESET=preset,
+                       G_SCALAR=scalar, NEED_A=need_a, NEED_B=need_b, BLOCK=BLOCK)
+    del s
+    box = _box(coef.view(-1, D, H, W), window)
+    _grad_kernel[grid](box, a, b, ga, gb, N, NEED_A=need_a, NEED_B=need_b, BLOCK=BLOCK)
+    return ga, gb
+
+
+def _grad_buffers(a, b, need_a, need_b):
+    """Contiguous gradient maps for the inputs that need one, else empty tensors."""
+    ga = a.new_empty(a.shape) if need_a else a.new_empty(0)
+    gb = b.new_empty(b.shape) if need_b else b.new_empty(0)
+    return ga, gb
+
+
+@lncc_backward.register_fake
+def _(grad, a, b, window, eps, preset, smooth_nr, need_a, need_b):
+    return _grad_buffers(a, b, need_a, need_b)
+
+
+lncc_forward.register_autograd(make_backward(lncc_backward), setup_context=setup_context)

@@ -1,0 +1,260 @@
+"""lncc: every backend against gvsl_fast.ops.reference (values and both gradients), presets,
+reductions, windows, dtypes, layouts, gradcheck, torch.compile, bad input, drop-in modules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import HALF, backend_ids, fast_backends, rel_err, tolerance
+
+from gvsl_fast.ops import NCC, LocalNormalizedCrossCorrelationLoss, lncc, reference
+
+BACKENDS = fast_backends()
+PRESETS = ("gvsl", "voxelmorph", "monai")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def volumes(shape, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(shape, generator=g, dtype=torch.float64)
+    b = (0.6 * a + 0.4 * torch.rand(shape, generator=g, dtype=torch.float64))  # correlated
+    return a.to(device, dtype), b.to(device, dtype)
+
+
+def run(fn, a, b, reduction, need_b=True, seed=1):
+    """Value and gradients of fn(a, b); a random upstream map for reduction none."""
+    a = a.detach().clone().requires_grad_(True)
+    b = b.detach().clone().requires_grad_(need_b)
+    out = fn(a, b)
+    if reduction == "none":
+        g = torch.Generator().manual_seed(seed)
+        up = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
+        (out.double() * up.double()).sum().backward()
+    else:
+        out.backward()
+    return out.detach(), a.grad, (b.grad if need_b else None)
+
+
+def check_against_reference(device, backend, shape, window, preset, reduction, dtype, need_b=True,
+                            tol=None, **kw):
+    a, b = volumes(shape, device, dtype)
+    got = run(lambda x, y: lncc(x, y, window, reduction=reduction, preset=preset,
+                                backend=backend, **kw), a, b, reduction, need_b)
+    ref_dtype = torch.float32 if dtype in HALF else dtype
+    ra, rb = a.to(ref_dtype), b.to(ref_dtype)
+    ref = run(lambda x, y: reference.lncc(x, y, window, reduction=reduction, preset=preset, **kw),
+              ra, rb, reduction, need_b)
+    tol = tol or tolerance(device, dtype)
+    assert got[0].dtype == (dtype if reduction == "none" else ref[0].dtype)
+    for name, x, r in zip(("value", "grad a", "grad b"), got, ref, strict=True):
+        if r is None:
+            assert x is None, f"{name} should not be computed"
+            continue
+        err = rel_err(x, r)
+        assert err <= tol, f"{name}: rel err {err:.3g} > {tol}"
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_matches_reference(device, backend, preset, reduction):
+    check_against_reference(device, backend, (2, 3, 7, 9, 11), 5, preset, reduction,
+                            torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
+@pytest.mark.parametrize("window", [3, 7, 9, 15])
+def test_windows(device, backend, window):
+    check_against_reference(device, backend, (1, 2, 9, 11, 13), window, "gvsl", "none",
+                            torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
+def test_only_a_requires_grad(device, backend):
+    check_against_reference(device, backend, (2, 1, 8, 7, 9), 9, "gvsl", "mean", torch.float32,
+                            need_b=False)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
+def test_monai_smooth_nr(device, backend):
+    check_against_reference(device, backend, (1, 2, 7, 8, 9), 3, "monai", "mean", torch.float32,
+                            smooth_nr=1e-3)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_dtypes(device, backend, dtype):
+    check_against_reference(device, backend, (1, 2, 7, 9, 11), 5, "gvsl", "none", dtype)
+    check_against_reference(device, backend, (1, 2, 7, 9, 11), 5, "gvsl", "mean", dtype)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_constant_regions(device, backend, preset):
+    """Zero-variance windows (constant blocks, an all-constant channel) give finite values. The
+    constants are powers of two (or 0) so that their products with the other image are exact in
+    float32 too; then cc and its gradient there match the float64 reference. (With other
+    constants, cross is float32 rounding noise divided by eps: any float32 code is noisy there.)"""
+    a, b = volumes((1, 2, 9, 10, 11), device)
+    a[:, :, :5] = 0.25
+    b[:, :, 3:7, :6] = 0.0
+    b[:, 1] = 0.5
+    for reduction in ("none", "mean"):
+        out = run(lambda x, y, r=reduction: lncc(x, y, 5, reduction=r, preset=preset,
+                                                 backend=backend), a, b, reduction)
+        ref = run(lambda x, y, r=reduction: reference.lncc(x, y, 5, reduction=r, preset=preset),
+                  a.double(), b.double(), reduction)
+        for x, r in zip(out, ref, strict=True):
+            assert torch.isfinite(x).all()
+            assert rel_err(x, r) <= tolerance(device, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
+def test_channels_last(device, backend):
+    a, b = volumes((2, 3, 7, 8, 9), device)
+    a, b = a.to(memory_format=torch.channels_last_3d), b.to(memory_format=torch.channels_last_3d)
+    got = run(lambda x, y: lncc(x, y, 3, reduction="none", backend=backend), a, b, "none")
+    ref = run(lambda x, y: reference.lncc(x, y, 3, reduction="none"), a, b, "none")
+    for x, r in zip(got, ref, strict=True):
+        assert rel_err(x, r) <= tolerance(device, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
+def test_reduction_is_reproducible(device, backend):
+    a, b = volumes((2, 2, 12, 13, 14), device)
+    first = lncc(a, b, 5, backend=backend)
+    assert all(torch.equal(first, lncc(a, b, 5, backend=backend)) for _ in range(3))
+
+
+@pytest.mark.parametrize("device,backend",
+                         [p for p in BACKENDS if p[0] == "cuda"] + [("cpu", "cpu")],
+                         ids=lambda x: str(x))
+def test_no_drift_at_moderate_size(device, backend):
+    """Running sums along long lines stay within tolerance of the float64 reference."""
+    size = (1, 1, 128, 128, 128) if device == "cuda" else (1, 1, 48, 64, 80)
+    a, b = volumes(size, device)
+    got = run(lambda x, y: lncc(x, y, 9, backend=backend), a, b, "mean")
+    ref = run(lambda x, y: reference.lncc(x, y, 9), a.double(), b.double(), "mean")
+    for x, r in zip(got, ref, strict=True):
+        assert rel_err(x, r) <= tolerance(device, torch.float32)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_cpu(preset, reduction):
+    a, b = volumes((1, 2, 4, 5, 6), "cpu", torch.float64)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    fn = lambda x, y: lncc(x, y, 3, reduction=reduction, preset=preset, backend="cpu")
+    assert torch.autograd.gradcheck(fn, (a, b))
+
+
+def test_torch_compile_cpu():
+    a, b = volumes((1, 2, 6, 7, 8), "cpu")
+    a.requires_grad_(True)
+
+    def loss(x, y):
+        return lncc(x, y, 3, backend="cpu") + lncc(x, y, 3, reduction="none", backend="cpu").sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    got = compiled(a, b)
+    (ga,) = torch.autograd.grad(got, a)
+    ref = loss(a, b)
+    (ra,) = torch.autograd.grad(ref, a)
+    assert rel_err(got, ref) <= 1e-5
+    assert rel_err(ga, ra) <= 1e-5
+
+
+def test_auto_matches_reference():
+    a, b = volumes((1, 1, 5, 6, 7), "cpu")
+    assert rel_err(lncc(a, b), reference.lncc(a, b)) <= 1e-5
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_errors(backend):
+    a, b = volumes((1, 1, 5, 6, 7), "cpu")
+    with pytest.raises(ValueError, match="window"):
+        lncc(a, b, 4, backend=backend)
+    with pytest.raises(ValueError, match="window"):
+        lncc(a, b, 0, backend=backend)
+    with pytest.raises(ValueError, match="shape"):
+        lncc(a, b[..., :-1], backend=backend)
+    with pytest.raises(TypeError, match="dtype"):
+        lncc(a, b.double(), backend=backend)
+    with pytest.raises(ValueError, match="is on meta"):
+        lncc(a, b.to("meta"), backend=backend)
+    with pytest.raises(TypeError, match="floating"):
+        lncc(a, (b * 10).long(), backend=backend)
+    with pytest.raises(ValueError, match="5-D"):
+        lncc(a[0], b[0], backend=backend)
+    with pytest.raises(ValueError, match="empty"):
+        lncc(a[:, :, :0], b[:, :, :0], backend=backend)
+    with pytest.raises(ValueError, match="reduction"):
+        lncc(a, b, reduction="max", backend=backend)
+    with pytest.raises(ValueError, match="preset"):
+        lncc(a, b, preset="ants", backend=backend)
+
+
+def test_unavailable_backend():
+    a, b = volumes((1, 1, 5, 6, 7), "cpu")
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        lncc(a, b, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        lncc(a, b, backend="fast")
+
+
+# ---- drop-in modules -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kernel_size,smooth_nr", [(3, 0.0), (7, 1e-4)])
+def test_monai_module(reduction, kernel_size, smooth_nr):
+    monai_losses = pytest.importorskip("monai.losses")
+    pred, target = volumes((2, 2, 9, 10, 11), "cpu")
+    kw = dict(spatial_dims=3, kernel_size=kernel_size, reduction=reduction, smooth_nr=smooth_nr,
+              smooth_dr=1e-5)
+    ours = run(LocalNormalizedCrossCorrelationLoss(**kw), pred, target, reduction)
+    theirs = run(monai_losses.LocalNormalizedCrossCorrelationLoss(**kw), pred, target, reduction)
+    for x, r in zip(ours, theirs, strict=True):
+        assert rel_err(x, r) <= 1e-5
+
+
+def test_monai_module_rejects_other_kernels():
+    with pytest.raises(ValueError, match="rectangular"):
+        LocalNormalizedCrossCorrelationLoss(kernel_type="gaussian")
+    with pytest.raises(ValueError, match="odd"):
+        LocalNormalizedCrossCorrelationLoss(kernel_size=4)
+
+
+def voxelmorph_ncc(y_true, y_pred, win=9):
+    """VoxelMorph's NCC.loss (voxelmorph/torch/losses.py), transcribed for a single channel."""
+    filt = torch.ones(1, 1, win, win, win, dtype=y_true.dtype)
+    pad = math.floor(win / 2)
+    Ii, Ji = y_true, y_pred
+    sums = [F.conv3d(x, filt, padding=pad) for x in (Ii, Ji, Ii * Ii, Ji * Ji, Ii * Ji)]
+    I_sum, J_sum, I2_sum, J2_sum, IJ_sum = sums
+    win_size = win**3
+    u_I, u_J = I_sum / win_size, J_sum / win_size
+    cross = IJ_sum - u_J * I_sum - u_I * J_sum + u_I * u_J * win_size
+    I_var = I2_sum - 2 * u_I * I_sum + u_I * u_I * win_size
+    J_var = J2_sum - 2 * u_J * J_sum + u_J * u_J * win_size
+    cc = cross * cross / (I_var * J_var + 1e-5)
+    return -torch.mean(cc)
+
+
+@pytest.mark.parametrize("win", [5, [9, 9, 9]])
+def test_voxelmorph_module(win):
+    y_true, y_pred = volumes((2, 1, 10, 11, 12), "cpu", torch.float64)
+    ours = run(lambda p, t: NCC(win).loss(t, p), y_pred, y_true, "mean")
+    side = win if isinstance(win, int) else win[0]
+    theirs = run(lambda p, t: voxelmorph_ncc(t, p, side), y_pred, y_true, "mean")
+    for x, r in zip(ours, theirs, strict=True):
+        assert rel_err(x, r) <= 1e-10
+    with pytest.raises(ValueError, match="cubic"):
+        NCC([9, 9, 7])
