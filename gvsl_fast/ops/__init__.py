@@ -2,6 +2,16 @@
 ("auto", "cuda", "triton", "cpu", "reference") and matches ``gvsl_fast.ops.reference``."""
 
 from gvsl_fast.ops import reference
+from gvsl_fast.ops.affine_warp import affine_warp
 from gvsl_fast.ops.reference import smooth_loss
+from gvsl_fast.ops.warp import SpatialTransformer, Warp, grid_sample, warp
 
-__all__ = ["reference", "smooth_loss"]
+__all__ = [
+    "SpatialTransformer",
+    "Warp",
+    "affine_warp",
+    "grid_sample",
+    "reference",
+    "smooth_loss",
+    "warp",
+]
