@@ -6,18 +6,10 @@
 #include <vector>
 
 #include "cpu/sampler.h"
+#include "sampler_host.h"
 
 namespace gvsl::cpu {
 namespace {
-
-void check_theta(const at::Tensor& image, const at::Tensor& theta) {
-  TORCH_CHECK(image.dim() == 5, "gvsl_fast.affine_warp: image must be (B, C, D, H, W)");
-  TORCH_CHECK(theta.device() == image.device(), "gvsl_fast.affine_warp: theta/image devices");
-  TORCH_CHECK(theta.scalar_type() == image.scalar_type(), "gvsl_fast.affine_warp: dtypes differ");
-  TORCH_CHECK(theta.dim() == 3 && theta.size(0) == image.size(0) && theta.size(1) == 3 &&
-                  theta.size(2) == 4,
-              "gvsl_fast.affine_warp: theta must be (B, 3, 4) with the image's batch size");
-}
 
 // One index-space map per batch element, in the accumulation type.
 template <typename T, typename S>

@@ -49,20 +49,6 @@ inline Geometry geometry(const at::Tensor& image, const at::Tensor& out) {
   return g;
 }
 
-// Output (B, C, D', H', W'): channels_last_3d only for an image strictly in that layout
-// (the same rule as gvsl_fast/ops/_sampler.py's fake kernels).
-inline at::Tensor new_output(const at::Tensor& image, at::IntArrayRef spatial) {
-  const bool cl = !image.is_contiguous() && image.is_contiguous(at::MemoryFormat::ChannelsLast3d);
-  return at::empty({image.size(0), image.size(1), spatial[0], spatial[1], spatial[2]},
-                   image.options().memory_format(cl ? at::MemoryFormat::ChannelsLast3d
-                                                    : at::MemoryFormat::Contiguous));
-}
-
-// Gradients not asked for come back as empty tensors (op schemas return plain Tensors).
-inline at::Tensor empty_if_undefined(const at::Tensor& t, const at::Tensor& like) {
-  return t.defined() ? t : at::empty({0}, like.options());
-}
-
 template <typename S, typename Src>
 void forward(const S* img, S* out, const Geometry& g, const Src& src, int mode, int padding) {
   using T = acc_t<S>;

@@ -3,60 +3,10 @@
 #include <torch/library.h>
 
 #include "cpu/sampler.h"
+#include "sampler_host.h"
 
 namespace gvsl::cpu {
 namespace {
-
-void check_common(const at::Tensor& image, const at::Tensor& pos, const char* pos_name) {
-  TORCH_CHECK(image.dim() == 5, "gvsl_fast: image must be (B, C, D, H, W)");
-  TORCH_CHECK(pos.device() == image.device(), "gvsl_fast: ", pos_name, " and image devices differ");
-  TORCH_CHECK(pos.scalar_type() == image.scalar_type(), "gvsl_fast: ", pos_name,
-              " and image dtypes differ");
-  TORCH_CHECK(pos.size(0) == image.size(0), "gvsl_fast: ", pos_name, " batch != image batch");
-}
-
-void check_flow(const at::Tensor& image, const at::Tensor& flow) {
-  check_common(image, flow, "flow");
-  TORCH_CHECK(flow.dim() == 5 && flow.size(1) == 3 && flow.size(2) == image.size(2) &&
-                  flow.size(3) == image.size(3) && flow.size(4) == image.size(4),
-              "gvsl_fast.warp: flow must be (B, 3, D, H, W) with the image's B, D, H, W");
-}
-
-void check_grid(const at::Tensor& image, const at::Tensor& grid) {
-  check_common(image, grid, "grid");
-  TORCH_CHECK(grid.dim() == 5 && grid.size(4) == 3,
-              "gvsl_fast.grid_sample: grid must be (B, D', H', W', 3)");
-}
-
-template <typename S> FlowSource<S> flow_source(const at::Tensor& flow, at::Tensor* grad) {
-  FlowSource<S> s;
-  s.flow = flow.const_data_ptr<S>();
-  s.grad = grad ? grad->data_ptr<S>() : nullptr;
-  TORCH_CHECK(!grad || grad->strides() == flow.strides(), "gvsl_fast: flow gradient layout");
-  s.sb = flow.stride(0);
-  s.sc = flow.stride(1);
-  s.sd = flow.stride(2);
-  s.sh = flow.stride(3);
-  s.sw = flow.stride(4);
-  return s;
-}
-
-template <typename S>
-GridSource<S> grid_source(const at::Tensor& grid, at::Tensor* grad, const at::Tensor& image,
-                          bool align_corners) {
-  GridSource<S> s;
-  s.grid = grid.const_data_ptr<S>();
-  s.grad = grad ? grad->data_ptr<S>() : nullptr;
-  TORCH_CHECK(!grad || grad->strides() == grid.strides(), "gvsl_fast: grid gradient layout");
-  s.sb = grid.stride(0);
-  s.sd = grid.stride(1);
-  s.sh = grid.stride(2);
-  s.sw = grid.stride(3);
-  s.sc = grid.stride(4);
-  for (int i = 0; i < 3; ++i) s.in_size[i] = int(image.size(2 + i));
-  s.align_corners = align_corners;
-  return s;
-}
 
 at::Tensor warp_forward(const at::Tensor& image, const at::Tensor& flow, int64_t mode,
                         int64_t padding, bool /*deterministic*/) {
