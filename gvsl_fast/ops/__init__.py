@@ -2,7 +2,20 @@
 ("auto", "cuda", "triton", "cpu", "reference") and matches ``gvsl_fast.ops.reference``."""
 
 from gvsl_fast.ops import reference
+from gvsl_fast.ops.affine_warp import affine_warp
 from gvsl_fast.ops.lncc import NCC, LocalNormalizedCrossCorrelationLoss, lncc
 from gvsl_fast.ops.reference import smooth_loss
+from gvsl_fast.ops.warp import SpatialTransformer, Warp, grid_sample, warp
 
-__all__ = ["reference", "smooth_loss", "lncc", "NCC", "LocalNormalizedCrossCorrelationLoss"]
+__all__ = [
+    "NCC",
+    "LocalNormalizedCrossCorrelationLoss",
+    "SpatialTransformer",
+    "Warp",
+    "affine_warp",
+    "grid_sample",
+    "lncc",
+    "reference",
+    "smooth_loss",
+    "warp",
+]

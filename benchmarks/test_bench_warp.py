@@ -1,0 +1,119 @@
+"""Trilinear sampling forward+backward (DESIGN §7), fast backends against PyTorch baselines timed
+in the same run.
+
+(a) ``warp``, 1 channel, gradient w.r.t. the flow only (the image is data), against VoxelMorph's
+    ``F.grid_sample`` path (grid built from the flow) and ``torch.compile(reference.warp)``;
+(b) ``affine_warp``, 32 channels, gradients w.r.t. image and theta (GVSL's feature warp), against
+    ``F.affine_grid`` + ``F.grid_sample`` and ``torch.compile(reference.affine_warp)``.
+
+CPU: 1 x C x 128^3. GPU (``gpu`` fixture): 2 x C x 160 x 160 x 128, every input tensor larger
+than L2, so no input is cached between calls. Compulsory bytes per voxel (float32): (a) 52 (flow
+read twice, written once as its gradient, image and grad_out read, output written); (b) 24 per
+channel (image read twice, output written, grad_out read, image gradient zeroed and written).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import median_time, record, run_benchmark
+
+from gvsl_fast.ops import _backend, affine_warp, reference, warp
+
+CPU_SPATIAL = (128, 128, 128)
+GPU_SPATIAL = (160, 160, 128)
+BANDWIDTH = {"cpu": 28e9, "cuda": 3.0e12}  # DESIGN §7 copy bandwidths
+BYTES_A = 52  # per voxel
+BYTES_B_PER_CHANNEL = 24
+
+
+def _voxelmorph_grid_sample(image, flow):
+    """VoxelMorph's SpatialTransformer: identity + flow, normalized, F.grid_sample."""
+    size = flow.shape[2:]
+    locs = reference.identity_grid(size, flow) + flow
+    scale = torch.tensor([2.0 / (s - 1) for s in size], device=flow.device).view(1, 3, 1, 1, 1)
+    locs = (locs * scale - 1).permute(0, 2, 3, 4, 1)[..., [2, 1, 0]]
+    return F.grid_sample(image, locs, align_corners=True)
+
+
+def _torch_affine_warp(image, theta):
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    return F.grid_sample(image, grid, align_corners=False)
+
+
+def _fwd_bwd(fn, inputs, targets, grad_out):
+    def step():
+        return torch.autograd.grad(fn(*inputs), targets, grad_out)
+
+    return step
+
+
+def _baselines(device, make_step, ref_fn, torch_fn):
+    """Median seconds of the PyTorch baselines, measured here."""
+    out = {"grid_sample": median_time(make_step(torch_fn), device, warmup=1, reps=3)}
+    compiled = torch.compile(ref_fn)
+    out["compiled_reference"] = median_time(make_step(compiled), device, warmup=2, reps=3)
+    return out
+
+
+def _case_a(benchmark, device, backend, shape):
+    torch.manual_seed(0)
+    image = torch.randn(shape, device=device)
+    flow = (torch.randn(shape[0], 3, *shape[2:], device=device) * 2).requires_grad_()
+    grad_out = torch.randn(shape, device=device)
+
+    def make_step(fn):
+        return _fwd_bwd(fn, (image, flow), (flow,), grad_out)
+
+    step = make_step(lambda i, f: warp(i, f, backend=backend))
+    seconds = run_benchmark(benchmark, step, device, rounds=5)
+    base = _baselines(device, make_step, reference.warp, _voxelmorph_grid_sample)
+    voxels = image[:, 0].numel()
+    record(benchmark, seconds=seconds, shape=shape, dtype=image.dtype, backend=backend,
+           device=device, bytes_moved=BYTES_A * voxels, baselines=base,
+           floor_seconds=BYTES_A * voxels / BANDWIDTH[torch.device(device).type])
+
+
+def _case_b(benchmark, device, backend, shape):
+    torch.manual_seed(0)
+    image = torch.randn(shape, device=device, requires_grad=True)
+    theta = (torch.eye(3, 4, device=device).repeat(shape[0], 1, 1)
+             + 0.1 * torch.randn(shape[0], 3, 4, device=device)).requires_grad_()
+    grad_out = torch.randn(shape, device=device)
+
+    def make_step(fn):
+        return _fwd_bwd(fn, (image, theta), (image, theta), grad_out)
+
+    step = make_step(lambda i, t: affine_warp(i, t, backend=backend))
+    seconds = run_benchmark(benchmark, step, device, rounds=3)
+    base = _baselines(device, make_step, reference.affine_warp, _torch_affine_warp)
+    moved = BYTES_B_PER_CHANNEL * image.numel()
+    record(benchmark, seconds=seconds, shape=shape, dtype=image.dtype, backend=backend,
+           device=device, bytes_moved=moved, baselines=base,
+           floor_seconds=moved / BANDWIDTH[torch.device(device).type])
+
+
+def _need_cpu_extension():
+    if _backend.extension_error():
+        pytest.skip(_backend.extension_error())
+
+
+def test_bench_warp_flow_grad_cpu(benchmark):
+    _need_cpu_extension()
+    _case_a(benchmark, "cpu", "cpu", (1, 1, *CPU_SPATIAL))
+
+
+def test_bench_affine_warp_32ch_cpu(benchmark):
+    _need_cpu_extension()
+    _case_b(benchmark, "cpu", "cpu", (1, 32, *CPU_SPATIAL))
+
+
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+def test_bench_warp_flow_grad_gpu(benchmark, gpu, backend):
+    _case_a(benchmark, gpu, backend, (2, 1, *GPU_SPATIAL))
+
+
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+def test_bench_affine_warp_32ch_gpu(benchmark, gpu, backend):
+    _case_b(benchmark, gpu, backend, (2, 32, *GPU_SPATIAL))

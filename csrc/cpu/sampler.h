@@ -1,0 +1,184 @@
+// CPU loops of the trilinear sampler shared by warp, grid_sample and affine_warp: one skeleton,
+// templated on the position source (csrc/warp.h), so the three ops differ only in where a voxel
+// samples and where its position gradient goes.
+//
+// Parallel layout. Forward and position gradients: rows (b, d, h) of output voxels, all channels
+// per voxel (the stencil is built once per voxel). Image gradient (a scatter): "lanes", each a
+// (channel group, row range) pair; channel groups never collide, and row ranges within a group
+// scatter into private buffers summed afterwards in a fixed order. The result depends only on
+// the thread count, never on scheduling, so the CPU backward is always run-to-run reproducible.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "warp.h"
+
+namespace gvsl::cpu {
+
+struct Geometry {
+  int B = 0, C = 0;
+  int in_size[3] = {0, 0, 0};   // image (D, H, W)
+  int out_size[3] = {0, 0, 0};  // output (D, H, W)
+  int64_t is[5] = {0, 0, 0, 0, 0};  // image strides
+  int64_t os[5] = {0, 0, 0, 0, 0};  // output (or grad_out) strides
+
+  int64_t rows() const { return int64_t(B) * out_size[0] * out_size[1]; }
+  void split(int64_t r, int& b, int& d, int& h) const {
+    h = int(r % out_size[1]);
+    d = int((r / out_size[1]) % out_size[0]);
+    b = int(r / (int64_t(out_size[1]) * out_size[0]));
+  }
+};
+
+// `out` is any tensor of the output's shape (B, C, D', H', W').
+inline Geometry geometry(const at::Tensor& image, const at::Tensor& out) {
+  Geometry g;
+  g.B = int(image.size(0));
+  g.C = int(image.size(1));
+  for (int i = 0; i < 3; ++i) {
+    g.in_size[i] = int(image.size(2 + i));
+    g.out_size[i] = int(out.size(2 + i));
+  }
+  for (int i = 0; i < 5; ++i) {
+    g.is[i] = image.stride(i);
+    g.os[i] = out.stride(i);
+  }
+  return g;
+}
+
+template <typename S, typename Src>
+void forward(const S* img, S* out, const Geometry& g, const Src& src, int mode, int padding) {
+  using T = acc_t<S>;
+  at::parallel_for(0, g.rows(), 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int b, d, h;
+      g.split(r, b, d, h);
+      const S* ib = img + b * g.is[0];
+      S* ob = out + b * g.os[0] + d * g.os[2] + h * g.os[3];
+      for (int w = 0; w < g.out_size[2]; ++w) {
+        T x[3];
+        src.position(b, d, h, w, x);
+        Stencil<T> s;
+        make_stencil<T, false>(x, g.in_size, g.is[2], g.is[3], g.is[4], mode, padding, s);
+        S* o = ob + w * g.os[4];
+        for (int c = 0; c < g.C; ++c)
+          o[c * g.os[1]] = static_cast<S>(stencil_value(s, ib + c * g.is[1]));
+      }
+    }
+  });
+}
+
+// One lane of the backward: rows [r0, r1), channels [c0, c1). `scatter` (image gradient, same
+// strides as the image) may be null; with kPos the position gradient of these channels goes to
+// the source (flow, grid) or, for theta, into per-row moments `moments` (rows x 12).
+template <bool kPos, typename S, typename Src>
+void backward_lane(const S* img, const S* gout, const Geometry& g, const Src& src, int mode,
+                   int padding, int64_t r0, int64_t r1, int c0, int c1, acc_t<S>* scatter,
+                   acc_t<S>* moments) {
+  using T = acc_t<S>;
+  for (int64_t r = r0; r < r1; ++r) {
+    int b, d, h;
+    g.split(r, b, d, h);
+    const S* ib = img + b * g.is[0];
+    const S* gb = gout + b * g.os[0] + d * g.os[2] + h * g.os[3];
+    T* sb = scatter ? scatter + b * g.is[0] : nullptr;
+    T m[kMoments] = {};
+    for (int w = 0; w < g.out_size[2]; ++w) {
+      T x[3];
+      src.position(b, d, h, w, x);
+      Stencil<T> s;
+      make_stencil<T, kPos>(x, g.in_size, g.is[2], g.is[3], g.is[4], mode, padding, s);
+      T gp[3] = {T(0), T(0), T(0)};
+      for (int c = c0; c < c1; ++c) {
+        const T go = static_cast<T>(gb[w * g.os[4] + c * g.os[1]]);
+        if (sb) {
+          T* sc = sb + c * g.is[1];
+          for (int k = 0; k < 8; ++k) sc[s.off[k]] += s.w[k] * go;
+        }
+        if constexpr (kPos) stencil_pos_grad(s, ib + c * g.is[1], go, gp);
+      }
+      if constexpr (kPos) {
+        if constexpr (Src::kind == kAffine)
+          theta_moments(gp, d, h, w, g.out_size, m);
+        else
+          src.store_grad(b, d, h, w, gp);
+      }
+    }
+    if constexpr (kPos && Src::kind == kAffine) std::copy(m, m + kMoments, moments + r * kMoments);
+  }
+}
+
+// The backward of the sampler: returns d loss / d image (or an undefined tensor), writes the
+// flow / grid gradient through `src` and, for theta, returns per-row moments (groups x rows x 12,
+// rows in (b, d, h) order) in `moments`. The image gradient runs by lanes; the position gradient
+// fuses into them for theta (per-group moments) and with one channel group, else runs apart.
+template <typename S, typename Src>
+at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& image, const Src& src, int mode,
+                    int padding, bool image_grad, bool pos_grad, at::Tensor& moments) {
+  using T = acc_t<S>;
+  const auto acc_type = c10::CppTypeToScalarType<T>::value;
+  const Geometry g = geometry(image, grad_out);
+  const int64_t rows = g.rows();
+  const int threads = std::max(1, at::get_num_threads());
+  const int groups = image_grad ? std::min(g.C, threads) : 1;
+  const int ranges = std::max(1, threads / groups);
+  const S* img = image.const_data_ptr<S>();
+  const S* gout = grad_out.const_data_ptr<S>();
+  if (pos_grad && Src::kind == kAffine)
+    moments = at::zeros({groups, rows, kMoments}, image.options().dtype(acc_type));
+  T* mom = moments.defined() ? moments.data_ptr<T>() : nullptr;
+  if (!image_grad) {
+    if (pos_grad) {
+      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+        backward_lane<true>(img, gout, g, src, mode, padding, r0, r1, 0, g.C, nullptr, mom);
+      });
+    }
+    return at::Tensor();
+  }
+  std::vector<at::Tensor> bufs;
+  for (int v = 0; v < ranges; ++v) {
+    bufs.push_back(at::zeros_like(image, image.options().dtype(acc_type)));
+    TORCH_CHECK(bufs.back().strides() == image.strides(), "gvsl_fast: gradient buffer layout");
+  }
+  const bool fused = pos_grad && (groups == 1 || Src::kind == kAffine);
+  at::parallel_for(0, int64_t(groups) * ranges, 1, [&](int64_t l0, int64_t l1) {
+    for (int64_t lane = l0; lane < l1; ++lane) {
+      const int grp = int(lane / ranges), v = int(lane % ranges);
+      const int c0 = int(int64_t(g.C) * grp / groups);
+      const int c1 = int(int64_t(g.C) * (grp + 1) / groups);
+      const int64_t r0 = rows * v / ranges, r1 = rows * (v + 1) / ranges;
+      T* sc = bufs[v].data_ptr<T>();
+      T* mo = mom ? mom + grp * rows * kMoments : nullptr;
+      if (fused)
+        backward_lane<true>(img, gout, g, src, mode, padding, r0, r1, c0, c1, sc, mo);
+      else
+        backward_lane<false>(img, gout, g, src, mode, padding, r0, r1, c0, c1, sc, mo);
+    }
+  });
+  if (pos_grad && !fused) {
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      backward_lane<true>(img, gout, g, src, mode, padding, r0, r1, 0, g.C, nullptr, mom);
+    });
+  }
+  for (int v = 1; v < ranges; ++v) bufs[0].add_(bufs[v]);
+  return bufs[0].to(image.scalar_type());
+}
+
+// Sums per-row moments (groups x rows x 12, rows in (b, d, h) order) per batch element in a fixed
+// order, in double, and turns them into d loss / d theta (B, 3, 4).
+inline at::Tensor theta_grad_cpu(const at::Tensor& moments, const Geometry& g, bool align_corners,
+                             const at::Tensor& theta) {
+  const auto m = moments.to(at::kDouble).view({moments.size(0), g.B, -1, kMoments}).sum(2).sum(0);
+  auto out = at::empty({g.B, 3, 4}, theta.options().dtype(at::kDouble));
+  const double* mp = m.const_data_ptr<double>();
+  double* op = out.data_ptr<double>();
+  for (int b = 0; b < g.B; ++b)
+    theta_grad_from_moments(mp + b * kMoments, g.out_size, g.in_size, align_corners,
+                            op + b * kMoments);
+  return out.to(theta.scalar_type());
+}
+
+}  // namespace gvsl::cpu

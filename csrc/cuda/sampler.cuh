@@ -1,0 +1,211 @@
+// CUDA kernels of the trilinear sampler shared by warp, grid_sample and affine_warp: one
+// skeleton templated on the position source (csrc/warp.h); the per-voxel math is the header's.
+// One thread per output voxel (grid.y = batch element), all channels in the thread, so the
+// stencil is built once per voxel. Backward: position gradient by gather; image gradient by
+// float atomics, or (deterministic) int64 fixed-point atomics, whose sums do not depend on order.
+// theta: 12 moments reduced per block into a buffer, then summed per batch in a fixed order.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "warp.h"
+
+namespace gvsl::cuda {
+
+constexpr int kThreads = 256;
+
+// float, half and bfloat16 (float64 stays on the CPU backend).
+#define GVSL_DISPATCH_FAST(TYPE, NAME, ...)                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                            \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+struct Geometry {
+  int C;
+  int in_size[3];
+  int out_size[3];
+  int64_t is[5];  // image strides (also those of the image-gradient buffer)
+  int64_t os[5];  // output / grad_out strides
+  GVSL_HD int64_t voxels() const { return int64_t(out_size[0]) * out_size[1] * out_size[2]; }
+};
+
+inline Geometry geometry(const at::Tensor& image, const at::Tensor& out) {
+  Geometry g;
+  g.C = int(image.size(1));
+  for (int i = 0; i < 3; ++i) {
+    g.in_size[i] = int(image.size(2 + i));
+    g.out_size[i] = int(out.size(2 + i));
+  }
+  for (int i = 0; i < 5; ++i) {
+    g.is[i] = image.stride(i);
+    g.os[i] = out.stride(i);
+  }
+  return g;
+}
+
+inline dim3 blocks(const Geometry& g, int64_t batch) {
+  return dim3(unsigned((g.voxels() + kThreads - 1) / kThreads), unsigned(batch));
+}
+
+__device__ __forceinline__ void decode(const Geometry& g, int64_t v, int& d, int& h, int& w) {
+  w = int(v % g.out_size[2]);
+  h = int((v / g.out_size[2]) % g.out_size[1]);
+  d = int(v / (int64_t(g.out_size[2]) * g.out_size[1]));
+}
+
+template <typename S, typename Src>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const S* __restrict__ img, S* __restrict__ out, Geometry g, Src src, int mode,
+                   int padding) {
+  using T = acc_t<S>;
+  const int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v >= g.voxels()) return;
+  const int b = blockIdx.y;
+  int d, h, w;
+  decode(g, v, d, h, w);
+  T x[3];
+  src.position(b, d, h, w, x);
+  Stencil<T> s;
+  make_stencil<T, false>(x, g.in_size, g.is[2], g.is[3], g.is[4], mode, padding, s);
+  const S* ib = img + b * g.is[0];
+  S* o = out + b * g.os[0] + d * g.os[2] + h * g.os[3] + w * g.os[4];
+  for (int c = 0; c < g.C; ++c)
+    o[c * g.os[1]] = static_cast<S>(stencil_value(s, ib + c * g.is[1]));
+}
+
+__device__ __forceinline__ long long to_fixed(float x) { return __float2ll_rn(x); }
+__device__ __forceinline__ long long to_fixed(double x) { return __double2ll_rn(x); }
+
+template <typename T> __device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Block sum of 12 moments into partial[blockIdx.y][blockIdx.x][12] (fixed order).
+template <typename T> __device__ void store_block_moments(T* m, T* partial) {
+  __shared__ T sh[kThreads / 32][kMoments];
+  const int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < kMoments; ++i) {
+    const T s = warp_sum(m[i]);
+    if (lane == 0) sh[wid][i] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < kMoments) {
+    T s = T(0);
+    for (int k = 0; k < kThreads / 32; ++k) s += sh[k][threadIdx.x];
+    partial[(int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kMoments + threadIdx.x] = s;
+  }
+}
+
+// Image gradient into `gimg` (acc_t<S>, or int64 fixed point with kFixed, image strides);
+// position gradient through src (flow, grid) or into per-block moments (theta).
+template <bool kImage, bool kPos, bool kFixed, typename S, typename Src>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const S* __restrict__ img, const S* __restrict__ gout, void* gimg,
+                    const float* __restrict__ scale_ptr, acc_t<S>* moments, Geometry g, Src src,
+                    int mode, int padding) {
+  using T = acc_t<S>;
+  const int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = v < g.voxels();
+  const int b = blockIdx.y;
+  int d = 0, h = 0, w = 0;
+  T gp[3] = {T(0), T(0), T(0)};
+  if (active) {
+    decode(g, v, d, h, w);
+    T x[3];
+    src.position(b, d, h, w, x);
+    Stencil<T> s;
+    make_stencil<T, kPos>(x, g.in_size, g.is[2], g.is[3], g.is[4], mode, padding, s);
+    const S* ib = img + b * g.is[0];
+    const S* go_p = gout + b * g.os[0] + d * g.os[2] + h * g.os[3] + w * g.os[4];
+    const T scale = kFixed ? T(*scale_ptr) : T(1);
+    for (int c = 0; c < g.C; ++c) {
+      const T go = static_cast<T>(go_p[c * g.os[1]]);
+      if constexpr (kImage) {
+        const int64_t base = b * g.is[0] + c * g.is[1];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          if (s.w[k] == T(0)) continue;
+          if constexpr (kFixed) {
+            auto* dst = static_cast<unsigned long long*>(gimg) + base + s.off[k];
+            atomicAdd(dst, static_cast<unsigned long long>(to_fixed(s.w[k] * go * scale)));
+          } else {
+            atomicAdd(static_cast<T*>(gimg) + base + s.off[k], s.w[k] * go);
+          }
+        }
+      }
+      if constexpr (kPos) stencil_pos_grad(s, ib + c * g.is[1], go, gp);
+    }
+  }
+  if constexpr (kPos) {
+    if constexpr (Src::kind == kAffine) {
+      T m[kMoments] = {};
+      if (active) theta_moments(gp, d, h, w, g.out_size, m);
+      store_block_moments(m, moments);
+    } else {
+      if (active) src.store_grad(b, d, h, w, gp);
+    }
+  }
+}
+
+template <typename S, typename Src>
+void launch_forward(const at::Tensor& image, at::Tensor& out, const Src& src, int mode,
+                    int padding) {
+  const Geometry g = geometry(image, out);
+  if (g.voxels() == 0) return;
+  forward_kernel<S><<<blocks(g, image.size(0)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      image.const_data_ptr<S>(), out.data_ptr<S>(), g, src, mode, padding);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Returns d image (undefined if not asked); for theta, `moments` receives (B, blocks, 12).
+template <typename S, typename Src>
+at::Tensor launch_backward(const at::Tensor& grad_out, const at::Tensor& image, const Src& src,
+                           int mode, int padding, bool image_grad, bool pos_grad,
+                           bool deterministic, at::Tensor& moments) {
+  using T = acc_t<S>;
+  const auto acc_type = c10::CppTypeToScalarType<T>::value;
+  const Geometry g = geometry(image, grad_out);
+  const dim3 grid = blocks(g, image.size(0));
+  const bool fixed = image_grad && deterministic;
+  at::Tensor gimg, scale;
+  if (image_grad) {
+    gimg = at::zeros_like(image, image.options().dtype(fixed ? at::kLong : acc_type));
+    TORCH_CHECK(gimg.strides() == image.strides(), "gvsl_fast: gradient buffer layout");
+  }
+  if (fixed) {
+    // Power-of-two scale such that every output voxel adding max|grad_out| cannot overflow.
+    const auto peak = grad_out.abs().amax().to(at::kFloat).clamp_min(1e-30);
+    scale = at::exp2(at::floor(62.0 - at::log2(peak * double(g.voxels())))).reshape({1});
+  }
+  if (pos_grad && Src::kind == kAffine)
+    moments = at::empty({image.size(0), int64_t(grid.x), kMoments}, image.options().dtype(acc_type));
+  if (g.voxels() == 0 || (!image_grad && !pos_grad)) return gimg;
+  void* gptr = image_grad ? gimg.data_ptr() : nullptr;
+  const float* sptr = fixed ? scale.const_data_ptr<float>() : nullptr;
+  T* mptr = moments.defined() ? moments.data_ptr<T>() : nullptr;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const S* ip = image.const_data_ptr<S>();
+  const S* gp = grad_out.const_data_ptr<S>();
+#define GVSL_LAUNCH(I, P, F)                                                                  \
+  backward_kernel<I, P, F, S><<<grid, kThreads, 0, stream>>>(ip, gp, gptr, sptr, mptr, g, src, \
+                                                             mode, padding)
+  if (image_grad && pos_grad) {
+    if (fixed) GVSL_LAUNCH(true, true, true); else GVSL_LAUNCH(true, true, false);
+  } else if (image_grad) {
+    if (fixed) GVSL_LAUNCH(true, false, true); else GVSL_LAUNCH(true, false, false);
+  } else {
+    GVSL_LAUNCH(false, true, false);
+  }
+#undef GVSL_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!image_grad) return gimg;
+  if (fixed) return (gimg.to(at::kDouble) / scale.to(at::kDouble)).to(image.scalar_type());
+  return gimg.to(image.scalar_type());
+}
+
+}  // namespace gvsl::cuda

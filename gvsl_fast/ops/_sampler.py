@@ -1,0 +1,77 @@
+"""Autograd and torch.compile glue shared by the sampler ops (warp, grid_sample, affine_warp).
+
+Each op is a pair ``<name>_forward(image, pos, *args)`` / ``<name>_backward(grad_out, image,
+pos, *args, image_grad, pos_grad) -> (d image, d pos)``, where ``pos`` is the flow, the grid or
+theta and ``args`` the op's options. Two implementations share that schema: the C++ extension
+(``torch.ops.gvsl_fast``, CPU and CUDA kernels) and Triton (``torch.ops.gvsl_fast_triton``,
+custom ops defined in the op modules). Gradients not asked for come back as empty tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from gvsl_fast.ops import _backend
+
+MODE_CODES = {"bilinear": 0, "nearest": 1}
+PADDING_CODES = {"zeros": 0, "border": 1}
+TRITON_NS = "gvsl_fast_triton"
+
+
+def memory_format(image: torch.Tensor) -> torch.memory_format:
+    """Layout of a sampler's output: channels_last_3d only for an image that is strictly that."""
+    if not image.is_contiguous() and image.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def new_output(image: torch.Tensor, spatial) -> torch.Tensor:
+    shape = (image.shape[0], image.shape[1], *spatial)
+    return image.new_empty(shape).contiguous(memory_format=memory_format(image))
+
+
+def grad_like(t: torch.Tensor, wanted: bool) -> torch.Tensor:
+    return torch.empty_like(t) if wanted else t.new_empty(0)
+
+
+def register(qualname: str, out_spatial: Callable[[torch.Tensor, torch.Tensor], tuple]) -> None:
+    """Fake kernels for ``qualname``'s forward and backward, and autograd for the forward."""
+    ns, name = qualname.split("::")
+    backward_op = getattr(getattr(torch.ops, ns), f"{name}_backward")
+
+    @torch.library.register_fake(f"{qualname}_forward")
+    def _fake_forward(image, pos, *args):
+        return new_output(image, out_spatial(image, pos))
+
+    @torch.library.register_fake(f"{qualname}_backward")
+    def _fake_backward(grad_out, image, pos, *args):
+        *_, image_grad, pos_grad = args
+        return grad_like(image, image_grad), grad_like(pos, pos_grad)
+
+    def setup_context(ctx, inputs, output):
+        image, pos, *args = inputs
+        ctx.save_for_backward(image, pos)
+        ctx.args = args
+
+    def backward(ctx, grad_out):
+        image, pos = ctx.saved_tensors
+        need_image, need_pos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        d_image, d_pos = backward_op(
+            _backend.layout(grad_out), image, pos, *ctx.args, need_image, need_pos
+        )
+        return (d_image if need_image else None, d_pos if need_pos else None,
+                *([None] * len(ctx.args)))
+
+    torch.library.register_autograd(f"{qualname}_forward", backward, setup_context=setup_context)
+
+
+def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A gradient not asked for travels through the op schemas as an empty tensor."""
+    return like.new_empty(0) if t is None else t
+
+
+def op_namespace(backend: str):
+    """``torch.ops`` namespace implementing the sampler ops for a resolved backend."""
+    return getattr(torch.ops, TRITON_NS) if backend == "triton" else torch.ops.gvsl_fast

@@ -1,0 +1,194 @@
+"""warp and grid_sample: trilinear (or nearest) 3-D sampling with full backward (DESIGN §3).
+
+``warp`` samples at ``p + flow(p)`` (voxel units), ``grid_sample`` at a normalized grid exactly as
+``F.grid_sample`` for 5-D input. Both run one sampler: C++ (CPU, CUDA) or Triton, with the
+position gradient as a gather and the image gradient (only when the image requires grad) as a
+scatter. Drop-in modules: :class:`SpatialTransformer` (VoxelMorph) and :class:`Warp` (MONAI).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gvsl_fast.ops import _backend, _sampler, reference
+from gvsl_fast.ops._sampler import MODE_CODES, PADDING_CODES, TRITON_NS
+
+# ---- Triton implementations of the op schemas (csrc/cpu/warp.cpp) -------------------------
+
+
+@torch.library.custom_op(f"{TRITON_NS}::warp_forward", mutates_args=())
+def _triton_warp_forward(image: Tensor, flow: Tensor, mode: int, padding: int,
+                         deterministic: bool) -> Tensor:
+    from gvsl_fast.kernels import warp as K
+
+    return K.forward(image, flow, K.FLOW, mode, padding, True, tuple(image.shape[2:]))
+
+
+@torch.library.custom_op(f"{TRITON_NS}::warp_backward", mutates_args=())
+def _triton_warp_backward(grad_out: Tensor, image: Tensor, flow: Tensor, mode: int, padding: int,
+                          deterministic: bool, image_grad: bool,
+                          pos_grad: bool) -> tuple[Tensor, Tensor]:
+    from gvsl_fast.kernels import warp as K
+
+    d_image, d_flow = K.backward(grad_out, image, flow, K.FLOW, mode, padding, True,
+                                 deterministic, image_grad, pos_grad)
+    return _sampler.or_empty(d_image, image), _sampler.or_empty(d_flow, flow)
+
+
+@torch.library.custom_op(f"{TRITON_NS}::grid_sample_forward", mutates_args=())
+def _triton_grid_sample_forward(image: Tensor, grid: Tensor, mode: int, padding: int,
+                                align_corners: bool, deterministic: bool) -> Tensor:
+    from gvsl_fast.kernels import warp as K
+
+    return K.forward(image, grid, K.GRID, mode, padding, align_corners, tuple(grid.shape[1:4]))
+
+
+@torch.library.custom_op(f"{TRITON_NS}::grid_sample_backward", mutates_args=())
+def _triton_grid_sample_backward(grad_out: Tensor, image: Tensor, grid: Tensor, mode: int,
+                                 padding: int, align_corners: bool, deterministic: bool,
+                                 image_grad: bool, pos_grad: bool) -> tuple[Tensor, Tensor]:
+    from gvsl_fast.kernels import warp as K
+
+    d_image, d_grid = K.backward(grad_out, image, grid, K.GRID, mode, padding, align_corners,
+                                 deterministic, image_grad, pos_grad)
+    return _sampler.or_empty(d_image, image), _sampler.or_empty(d_grid, grid)
+
+
+def _flow_spatial(image: Tensor, flow: Tensor) -> tuple:
+    return tuple(image.shape[2:])
+
+
+def _grid_spatial(image: Tensor, grid: Tensor) -> tuple:
+    return tuple(grid.shape[1:4])
+
+
+for _ns in ("gvsl_fast", TRITON_NS):
+    if _ns == TRITON_NS or _backend.extension_error() is None:
+        _sampler.register(f"{_ns}::warp", _flow_spatial)
+        _sampler.register(f"{_ns}::grid_sample", _grid_spatial)
+
+
+# ---- public API ----------------------------------------------------------------------------
+
+
+def _check_options(op: str, mode: str, padding_mode: str) -> None:
+    _backend.check_choice(op, "mode", mode, reference.MODES)
+    _backend.check_choice(op, "padding_mode", padding_mode, reference.PADDINGS)
+
+
+def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+         deterministic: bool = False, backend: str = "auto") -> Tensor:
+    """Warp ``image`` by a displacement field: ``out(p) = image(p + flow(p))``.
+
+    Args:
+        image: (B, C, D, H, W) float tensor, contiguous or channels_last_3d.
+        flow: (B, 3, D, H, W) displacement in voxels, channels along D, H, W (VoxelMorph and
+            MONAI order); same dtype and device as ``image``. A zero flow returns ``image``
+            exactly.
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"`` (label maps; no flow gradient).
+        padding_mode: ``"zeros"`` (corners outside read 0) or ``"border"`` (positions clamped,
+            zero gradient at and beyond the edge).
+        deterministic: bit-reproducible image gradient on the GPU (fixed-point atomics,
+            slower). The CPU backward is always reproducible.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        The warped image, (B, C, D, H, W), in the input dtype.
+
+    Raises:
+        ValueError: wrong rank, shape mismatch, flow without 3 channels, empty input, bad option,
+            or tensors on different devices.
+        TypeError: non-floating or mismatched dtypes.
+        RuntimeError: the requested backend is not available.
+    """
+    op = "warp"
+    _backend.check_volume(op, "image", image)
+    _backend.check_volume(op, "flow", flow, channels=3)
+    _backend.check_same(op, image=image, flow=flow)
+    if flow.shape[0] != image.shape[0] or flow.shape[2:] != image.shape[2:]:
+        raise ValueError(
+            f"{op}: `flow` must be (B, 3, D, H, W) with the image's batch and spatial size "
+            f"{(image.shape[0], 3, *image.shape[2:])}, got {tuple(flow.shape)}"
+        )
+    _check_options(op, mode, padding_mode)
+    be = _backend.resolve(op, backend, [image, flow])
+    if be == "reference":
+        return reference.warp(image, flow, mode, padding_mode)
+    ops = _sampler.op_namespace(be)
+    return ops.warp_forward(_backend.layout(image), _backend.layout(flow), MODE_CODES[mode],
+                            PADDING_CODES[padding_mode], deterministic)
+
+
+def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+                align_corners: bool = False, deterministic: bool = False,
+                backend: str = "auto") -> Tensor:
+    """``F.grid_sample`` for 5-D input (same signature, results and gradients).
+
+    Args:
+        input: (B, C, D, H, W) float tensor.
+        grid: (B, D', H', W', 3) normalized sampling positions in (x, y, z) = (W, H, D) order.
+        mode: ``"bilinear"`` or ``"nearest"``.
+        padding_mode: ``"zeros"`` or ``"border"``.
+        align_corners: as in ``F.grid_sample``.
+        deterministic: bit-reproducible input gradient on the GPU (slower).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        (B, C, D', H', W') samples in the input dtype.
+
+    Raises:
+        ValueError: wrong rank or shape, batch mismatch, empty input, bad option, devices differ.
+        TypeError: non-floating or mismatched dtypes.
+        RuntimeError: the requested backend is not available.
+    """
+    op = "grid_sample"
+    _backend.check_volume(op, "input", input)
+    if not isinstance(grid, Tensor) or grid.dim() != 5 or grid.shape[-1] != 3:
+        shape = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
+        raise ValueError(f"{op}: `grid` must be (B, D', H', W', 3), got {shape}")
+    if grid.shape[0] != input.shape[0]:
+        raise ValueError(f"{op}: `grid` batch {grid.shape[0]} != `input` batch {input.shape[0]}")
+    if grid.numel() == 0:
+        raise ValueError(f"{op}: `grid` is empty, shape {tuple(grid.shape)}")
+    _backend.check_same(op, input=input, grid=grid)
+    _check_options(op, mode, padding_mode)
+    be = _backend.resolve(op, backend, [input, grid])
+    if be == "reference":
+        return reference.grid_sample(input, grid, mode, padding_mode, align_corners)
+    ops = _sampler.op_namespace(be)
+    return ops.grid_sample_forward(_backend.layout(input), grid.contiguous(), MODE_CODES[mode],
+                                   PADDING_CODES[padding_mode], align_corners, deterministic)
+
+
+class SpatialTransformer(nn.Module):
+    """Drop-in for VoxelMorph's ``SpatialTransformer(size, mode)``: ``forward(src, flow)`` warps
+    ``src`` by ``flow`` (voxels, zeros padding), with no sampling grid in memory."""
+
+    def __init__(self, size, mode: str = "bilinear", backend: str = "auto") -> None:
+        super().__init__()
+        self.size = tuple(size)
+        self.mode = mode
+        self.backend = backend
+
+    def forward(self, src: Tensor, flow: Tensor) -> Tensor:
+        if tuple(flow.shape[2:]) != self.size:
+            raise ValueError(
+                f"SpatialTransformer: flow size {tuple(flow.shape[2:])} != size {self.size}"
+            )
+        return warp(src, flow, self.mode, "zeros", backend=self.backend)
+
+
+class Warp(nn.Module):
+    """Drop-in for MONAI's ``Warp(mode, padding_mode)`` (3-D): ``forward(image, ddf)`` warps by
+    a dense displacement field in voxels; padding defaults to ``"border"`` as in MONAI."""
+
+    def __init__(self, mode: str = "bilinear", padding_mode: str = "border",
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.mode = mode
+        self.padding_mode = padding_mode
+        self.backend = backend
+
+    def forward(self, image: Tensor, ddf: Tensor) -> Tensor:
+        return warp(image, ddf, self.mode, self.padding_mode, backend=self.backend)

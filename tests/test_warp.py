@@ -1,0 +1,283 @@
+"""warp and grid_sample: every backend against reference.py and F.grid_sample, values and
+gradients, odd shapes, batch, channels, both paddings, positions leaving the volume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import HALF, backend_ids, fast_backends, rel_err, tolerance
+
+from gvsl_fast.ops import SpatialTransformer, Warp, grid_sample, reference, warp
+
+BACKENDS = fast_backends()
+IDS = backend_ids(BACKENDS)
+PADDINGS = ("zeros", "border")
+SHAPE = (2, 3, 7, 9, 11)  # odd sizes, batch > 1, several channels
+
+
+def _flow(shape, device, dtype=torch.float32, scale=3.0, identity_slab=True):
+    """Displacements of a few voxels, many leaving the volume, plus one constant region.
+    The identity slab samples at integers, where the one-sided trilinear derivative depends on
+    the last bit of the position: only exact-index implementations agree there."""
+    B, _, D, H, W = shape
+    f = torch.randn(B, 3, D, H, W, device=device, dtype=torch.float32) * scale
+    if identity_slab:
+        f[:, :, :2] = 0.0  # exact copies there
+    f[:, 0, -1] = D + 5.0  # far outside along D
+    return f.to(dtype)
+
+
+def _grads(out, inputs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    return torch.autograd.grad(out, inputs, go)
+
+
+def _check(out, ref, device, dtype):
+    tol = tolerance(device, dtype)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) <= tol, rel_err(out, ref)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_warp_values_and_grads(device, backend, padding):
+    torch.manual_seed(1)
+    image = torch.randn(SHAPE, device=device)
+    image[:, :, :, :3, :3] = 2.5  # constant region
+    flow = _flow(SHAPE, device)
+    args = [t.clone().requires_grad_() for t in (image, flow)]
+    out = warp(*args, padding_mode=padding, backend=backend)
+    ref_args = [t.clone().requires_grad_() for t in (image, flow)]
+    ref = reference.warp(*ref_args, padding_mode=padding)
+    _check(out, ref, device, torch.float32)
+    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
+        _check(g, r, device, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_warp_nearest_matches_reference(device, backend, padding):
+    torch.manual_seed(2)
+    labels = torch.randint(0, 5, SHAPE, device=device).float()
+    flow = _flow(SHAPE, device)
+    flow[0, 1, 3, 4, 5] = 0.5  # a tie: rounds half to even
+    out = warp(labels, flow, "nearest", padding, backend=backend)
+    assert torch.equal(out, reference.warp(labels, flow, "nearest", padding))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_zero_flow_is_exact_identity(device, backend, padding):
+    image = torch.randn(SHAPE, device=device)
+    flow = torch.zeros(SHAPE[0], 3, *SHAPE[2:], device=device)
+    for mode in ("bilinear", "nearest"):
+        assert torch.equal(warp(image, flow, mode, padding, backend=backend), image)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+def test_flow_gradient_only(device, backend):
+    """GVSL's case: the image is data, only the flow requires grad."""
+    torch.manual_seed(3)
+    image = torch.randn(1, 1, 9, 8, 7, device=device)
+    flow = _flow(image.shape, device).requires_grad_()
+    out = warp(image, flow, backend=backend)
+    (g,) = _grads(out, [flow])
+    ref_flow = flow.detach().clone().requires_grad_()
+    (r,) = _grads(reference.warp(image, ref_flow), [ref_flow])
+    _check(g, r, device, torch.float32)
+    assert image.grad is None
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+def test_channels_last(device, backend):
+    torch.manual_seed(4)
+    image = torch.randn(SHAPE, device=device).contiguous(memory_format=torch.channels_last_3d)
+    flow = _flow(SHAPE, device).contiguous(memory_format=torch.channels_last_3d)
+    args = [t.clone().requires_grad_() for t in (image, flow)]
+    out = warp(*args, padding_mode="border", backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    ref_args = [t.detach().contiguous().requires_grad_() for t in (image, flow)]
+    ref = reference.warp(*ref_args, padding_mode="border")
+    _check(out, ref, device, torch.float32)
+    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
+        _check(g, r, device, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_dtypes(device, backend, dtype):
+    torch.manual_seed(5)
+    image = torch.randn(SHAPE, device=device)
+    flow = _flow(SHAPE, device, scale=1.5)
+    args = [t.to(dtype).requires_grad_() for t in (image, flow)]
+    out = warp(*args, backend=backend)
+    assert out.dtype == dtype
+    ref_args = [t.to(dtype).float().requires_grad_() for t in (image, flow)]
+    ref = reference.warp(*ref_args)
+    assert rel_err(out, ref) <= 1e-2
+    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
+        assert g.dtype == dtype
+        assert rel_err(g, r) <= 1e-2
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+def test_deterministic_image_grad_is_bitwise_reproducible(device, backend):
+    torch.manual_seed(6)
+    image = torch.randn(2, 4, 9, 8, 7, device=device, requires_grad=True)
+    flow = torch.randn(2, 3, 9, 8, 7, device=device) * 0.6  # many outputs share corners
+    grads = []
+    for _ in range(3):
+        out = warp(image, flow, deterministic=True, backend=backend)
+        (g,) = _grads(out, [image])
+        grads.append(g)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+    ref = reference.warp(image, flow)
+    (r,) = _grads(ref, [image])
+    _check(grads[0], r, device, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+def test_non_finite_flow(device, backend):
+    """NaN positions read nothing with zeros padding, the first voxel with border (reference)."""
+    image = torch.randn(1, 2, 5, 6, 7, device=device)
+    flow = torch.zeros(1, 3, 5, 6, 7, device=device)
+    flow[0, 0, 1, 1, 1] = float("nan")
+    flow[0, 1, 2, 2, 2] = float("inf")
+    for padding in PADDINGS:
+        out = warp(image, flow, padding_mode=padding, backend=backend)
+        assert torch.equal(out, reference.warp(image, flow, padding_mode=padding))
+
+
+# ---- grid_sample ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("align_corners", (False, True))
+def test_grid_sample_matches_torch(device, backend, padding, align_corners):
+    torch.manual_seed(7)
+    image = torch.randn(SHAPE, device=device)
+    theta = torch.eye(3, 4, device=device).repeat(2, 1, 1) + 0.2 * torch.randn(2, 3, 4,
+                                                                               device=device)
+    grid = F.affine_grid(theta, (2, 3, 5, 8, 6), align_corners=align_corners) * 1.3
+    args = [t.clone().requires_grad_() for t in (image, grid)]
+    out = grid_sample(*args, padding_mode=padding, align_corners=align_corners, backend=backend)
+    ref_args = [t.clone().requires_grad_() for t in (image, grid)]
+    ref = F.grid_sample(*ref_args, padding_mode=padding, align_corners=align_corners)
+    _check(out, ref, device, torch.float32)
+    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
+        _check(g, r, device, torch.float32)
+    near = grid_sample(image, grid, "nearest", padding, align_corners, backend=backend)
+    assert torch.equal(near, reference.grid_sample(image, grid, "nearest", padding,
+                                                   align_corners))
+
+
+# ---- float64 gradcheck, torch.compile, drop-in modules -------------------------------------
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_gradcheck_cpu(padding):
+    torch.manual_seed(8)
+    image = torch.randn(2, 2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    flow = (torch.rand(2, 3, 3, 4, 5, dtype=torch.float64) * 2.6 - 1.3).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda i, f: warp(i, f, padding_mode=padding, backend="cpu"), (image, flow)
+    )
+    grid = (torch.rand(2, 2, 3, 4, 3, dtype=torch.float64) * 2.4 - 1.2).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda i, g: grid_sample(i, g, padding_mode=padding, backend="cpu"), (image, grid)
+    )
+
+
+def test_torch_compile_no_graph_break():
+    torch.manual_seed(9)
+    image = torch.randn(1, 2, 6, 7, 8, requires_grad=True)
+    flow = _flow(image.shape, "cpu").requires_grad_()
+
+    def loss(i, f):
+        return warp(i, f, backend="cpu").square().mean()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    gc = torch.autograd.grad(compiled(image, flow), (image, flow))
+    ge = torch.autograd.grad(loss(image, flow), (image, flow))
+    for a, b in zip(gc, ge, strict=True):
+        assert rel_err(a, b) <= 1e-6
+
+
+def _voxelmorph_transform(src, flow, mode="bilinear"):
+    """VoxelMorph's SpatialTransformer.forward, verbatim in substance."""
+    size = flow.shape[2:]
+    grid = reference.identity_grid(size, flow)
+    new_locs = grid + flow
+    for i in range(3):
+        new_locs[:, i] = 2 * (new_locs[:, i] / (size[i] - 1) - 0.5)
+    new_locs = new_locs.permute(0, 2, 3, 4, 1)[..., [2, 1, 0]]
+    return F.grid_sample(src, new_locs, align_corners=True, mode=mode)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+def test_voxelmorph_spatial_transformer(device, backend):
+    torch.manual_seed(10)
+    src = torch.randn(SHAPE, device=device)
+    flow = _flow(SHAPE, device, identity_slab=False)
+    args = [t.clone().requires_grad_() for t in (src, flow)]
+    out = SpatialTransformer(SHAPE[2:], backend=backend)(*args)
+    ref_args = [t.clone().requires_grad_() for t in (src, flow)]
+    ref = _voxelmorph_transform(*ref_args)
+    _check(out, ref, device, torch.float32)
+    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
+        _check(g, r, device, torch.float32)
+    with pytest.raises(ValueError, match="size"):
+        SpatialTransformer((5, 5, 5))(src, flow)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_monai_warp(device, backend, padding):
+    monai_blocks = pytest.importorskip("monai.networks.blocks")
+    torch.manual_seed(11)
+    image = torch.randn(SHAPE, device=device)
+    ddf = _flow(SHAPE, device, identity_slab=False)
+    args = [t.clone().requires_grad_() for t in (image, ddf)]
+    out = Warp("bilinear", padding, backend=backend)(*args)
+    ref_args = [t.clone().requires_grad_() for t in (image, ddf)]
+    ref = monai_blocks.Warp("bilinear", padding)(*ref_args)
+    _check(out, ref, device, torch.float32)
+    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
+        _check(g, r, device, torch.float32)
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+
+def test_errors():
+    image = torch.randn(1, 2, 4, 5, 6)
+    flow = torch.zeros(1, 3, 4, 5, 6)
+    with pytest.raises(ValueError, match="3 channels"):
+        warp(image, torch.zeros(1, 2, 4, 5, 6))
+    with pytest.raises(ValueError, match="spatial size"):
+        warp(image, torch.zeros(1, 3, 4, 5, 7))
+    with pytest.raises(ValueError, match="batch"):
+        warp(image, torch.zeros(2, 3, 4, 5, 6))
+    with pytest.raises(ValueError, match="5-D"):
+        warp(image[0], flow)
+    with pytest.raises(TypeError, match="dtype"):
+        warp(image, flow.double())
+    with pytest.raises(TypeError, match="floating"):
+        warp(image.long(), flow)
+    with pytest.raises(ValueError, match="on meta"):
+        warp(image, flow.to("meta"))
+    with pytest.raises(ValueError, match="padding_mode"):
+        warp(image, flow, padding_mode="reflection")
+    with pytest.raises(ValueError, match="mode"):
+        warp(image, flow, mode="bicubic")
+    with pytest.raises(ValueError, match="empty"):
+        warp(image[:, :0], flow)
+    with pytest.raises(ValueError, match="grid"):
+        grid_sample(image, torch.zeros(1, 4, 5, 6, 2))
+    with pytest.raises(ValueError, match="batch"):
+        grid_sample(image, torch.zeros(2, 4, 5, 6, 3))
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        warp(image, flow, backend="cuda")
