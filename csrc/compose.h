@@ -68,18 +68,18 @@ template <bool kWarp, typename T, typename S, typename Store>
 GVSL_HD void compose_forward_voxel(const ComposeArgs<S>& a, const AffineIndexMap<T>& A, int b,
                                    int d, int h, int w, Store&& store) {
   const ComposePoint<T> cp = compose_point(a, A, b, d, h, w);
-  if (!kWarp) {
+  if (kWarp) {
+    Axis<T> aq[3];
+#pragma unroll
+    for (int i = 0; i < 3; ++i) aq[i] = linear_axis(cp.q[i], a.size[i], a.padding);
+    const S* img = a.image + b * a.is.b;
+    for (int c = 0; c < a.channels; ++c)
+      store(c, trilinear(img + c * a.is.c, a.is.d, a.is.h, a.is.w, aq[0], aq[1], aq[2]));
+  } else {
     const int p[3] = {d, h, w};
 #pragma unroll
     for (int k = 0; k < 3; ++k) store(k, cp.q[k] - T(p[k]));
-    return;
   }
-  Axis<T> aq[3];
-#pragma unroll
-  for (int i = 0; i < 3; ++i) aq[i] = linear_axis(cp.q[i], a.size[i], a.padding);
-  const S* img = a.image + b * a.is.b;
-  for (int c = 0; c < a.channels; ++c)
-    store(c, trilinear(img + c * a.is.c, a.is.d, a.is.h, a.is.w, aq[0], aq[1], aq[2]));
 }
 
 // Which gradients a backward pass computes.
