@@ -35,10 +35,11 @@ template <typename S> struct ComposeArgs {
   int padding;
 };
 
-// Position data of one voxel: p_hat, the trilinear axes of flow at p_hat, and q.
+// Position data of one voxel: p_hat, the stencil of flow at p_hat, and q.
 template <typename T> struct ComposePoint {
   T p_hat[3];
   Axis<T> ax[3];
+  Stencil<T> st;  // flow's corners around p_hat, in flow's strides
   T q[3];
 };
 
@@ -54,12 +55,20 @@ GVSL_HD ComposePoint<T> compose_point(const ComposeArgs<S>& a, const AffineIndex
   apply_affine(A, d, h, w, cp.p_hat);
 #pragma unroll
   for (int i = 0; i < 3; ++i) cp.ax[i] = linear_axis(cp.p_hat[i], a.size[i], a.padding);
+  cp.st = make_stencil(a.fs.d, a.fs.h, a.fs.w, cp.ax[0], cp.ax[1], cp.ax[2]);
   const S* fl = a.flow + b * a.fs.b;
 #pragma unroll
-  for (int k = 0; k < 3; ++k)
-    cp.q[k] = cp.p_hat[k] + trilinear(fl + k * a.fs.c, a.fs.d, a.fs.h, a.fs.w, cp.ax[0],
-                                      cp.ax[1], cp.ax[2]);
+  for (int k = 0; k < 3; ++k) cp.q[k] = cp.p_hat[k] + stencil_value(fl + k * a.fs.c, cp.st);
   return cp;
+}
+
+// Stencil of the image at q, in the given strides.
+template <typename T, typename S>
+GVSL_HD Stencil<T> image_stencil(const ComposeArgs<S>& a, const ComposePoint<T>& cp, int64_t sd,
+                                 int64_t sh, int64_t sw, Axis<T>* aq) {
+#pragma unroll
+  for (int i = 0; i < 3; ++i) aq[i] = linear_axis(cp.q[i], a.size[i], a.padding);
+  return make_stencil(sd, sh, sw, aq[0], aq[1], aq[2]);
 }
 
 // Forward of one voxel. compose: out[k] = psi_k (3 values); affine_flow_warp: out[c] = image_c(q).
@@ -70,11 +79,9 @@ GVSL_HD void compose_forward_voxel(const ComposeArgs<S>& a, const AffineIndexMap
   const ComposePoint<T> cp = compose_point(a, A, b, d, h, w);
   if (kWarp) {
     Axis<T> aq[3];
-#pragma unroll
-    for (int i = 0; i < 3; ++i) aq[i] = linear_axis(cp.q[i], a.size[i], a.padding);
+    const Stencil<T> sq = image_stencil(a, cp, a.is.d, a.is.h, a.is.w, aq);
     const S* img = a.image + b * a.is.b;
-    for (int c = 0; c < a.channels; ++c)
-      store(c, trilinear(img + c * a.is.c, a.is.d, a.is.h, a.is.w, aq[0], aq[1], aq[2]));
+    for (int c = 0; c < a.channels; ++c) store(c, stencil_value(img + c * a.is.c, sq));
   } else {
     const int p[3] = {d, h, w};
 #pragma unroll
@@ -86,6 +93,18 @@ GVSL_HD void compose_forward_voxel(const ComposeArgs<S>& a, const AffineIndexMap
 struct ComposeNeeds {
   bool image, theta, flow;
 };
+
+// Re-bases a stencil's offsets from one set of strides to another (scatters go to contiguous
+// buffers while the inputs may be channels_last_3d).
+template <typename T>
+GVSL_HD Stencil<T> restride(Stencil<T> s, const Axis<T>* ax, int64_t sd, int64_t sh,
+                            int64_t sw) {
+GVSL_UNROLL8
+  for (int c = 0; c < 8; ++c)
+    s.off[c] = (ax[0].i0 + (c >> 2)) * sd + (ax[1].i0 + ((c >> 1) & 1)) * sh +
+               (ax[2].i0 + (c & 1)) * sw;
+  return s;
+}
 
 // Backward of one voxel, `grad(channel)` reading dL/d(output) at this voxel.
 // Scatters go through scatter_flow(k, offset, value) and scatter_image(c, offset, value), with
@@ -104,38 +123,40 @@ GVSL_HD void compose_backward_voxel(const ComposeArgs<S>& a, const AffineIndexMa
     for (int k = 0; k < 3; ++k) g[k] = grad(k);
   } else {
     Axis<T> aq[3];
-#pragma unroll
-    for (int i = 0; i < 3; ++i) aq[i] = linear_axis(cp.q[i], a.size[i], a.padding);
+    const Stencil<T> sq = image_stencil(a, cp, a.is.d, a.is.h, a.is.w, aq);
     const S* img = a.image + b * a.is.b;
     const bool need_q = need.theta || need.flow;
+    StencilGrad<T> gq;
+    if (need_q) gq = make_stencil_grad(aq[0], aq[1], aq[2]);
+    Stencil<T> sqc;
+    if (need.image) sqc = restride(sq, aq, cd, ch, int64_t(1));
     for (int c = 0; c < a.channels; ++c) {
       const T go = grad(c);
       if (need_q) {
         T gd, gh, gw;
-        trilinear_grad(img + c * a.is.c, a.is.d, a.is.h, a.is.w, aq[0], aq[1], aq[2], gd, gh, gw);
+        stencil_derivatives(img + c * a.is.c, sq, gq, gd, gh, gw);
         g[0] += go * gd;
         g[1] += go * gh;
         g[2] += go * gw;
       }
       if (need.image)
-        for_each_corner(cd, ch, int64_t(1), aq[0], aq[1], aq[2],
-                        [&](int64_t off, T wt) { scatter_image(c, off, wt * go); });
+        stencil_scatter(sqc, [&](int64_t off, T wt) { scatter_image(c, off, wt * go); });
     }
   }
   if (need.flow)
-    for_each_corner(cd, ch, int64_t(1), cp.ax[0], cp.ax[1], cp.ax[2], [&](int64_t off, T wt) {
+    stencil_scatter(restride(cp.st, cp.ax, cd, ch, int64_t(1)), [&](int64_t off, T wt) {
 #pragma unroll
       for (int k = 0; k < 3; ++k) scatter_flow(k, off, wt * g[k]);
     });
   if (need.theta) {
     const S* fl = a.flow + b * a.fs.b;
+    const StencilGrad<T> gf = make_stencil_grad(cp.ax[0], cp.ax[1], cp.ax[2]);
 #pragma unroll
     for (int i = 0; i < 3; ++i) gp[i] = g[i];
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
       T jd, jh, jw;  // d flow_k / d p_hat
-      trilinear_grad(fl + k * a.fs.c, a.fs.d, a.fs.h, a.fs.w, cp.ax[0], cp.ax[1], cp.ax[2], jd,
-                     jh, jw);
+      stencil_derivatives(fl + k * a.fs.c, cp.st, gf, jd, jh, jw);
       gp[0] += g[k] * jd;
       gp[1] += g[k] * jh;
       gp[2] += g[k] * jw;

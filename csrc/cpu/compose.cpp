@@ -5,6 +5,7 @@
 // volumes summed afterwards in thread order; d theta is accumulated in double per slab and the
 // slabs summed in a fixed order, so results do not depend on scheduling.
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <torch/library.h>
 #include <torch/torch.h>
 
@@ -14,23 +15,52 @@
 namespace gvsl {
 namespace {
 
+// Slab functions are flattened: GCC otherwise leaves the per-voxel helpers out of line and the
+// stencils travel through memory.
+#define GVSL_FLATTEN __attribute__((flatten))
+
+template <bool kWarp, typename S>
+GVSL_FLATTEN void forward_slab(const ComposeArgs<S>& a, S* out, const Strides5& os, int b, int d) {
+  using T = acc_t<S>;
+  const AffineIndexMap<T> A = compose_map<T>(a, b);
+  for (int h = 0; h < a.size[1]; ++h)
+    for (int w = 0; w < a.size[2]; ++w) {
+      S* o = out + b * os.b + d * os.d + h * os.h + w * os.w;
+      compose_forward_voxel<kWarp>(a, A, b, d, h, w,
+                                   [&](int c, T v) { o[c * os.c] = static_cast<S>(v); });
+    }
+}
+
 template <bool kWarp, typename S>
 void forward_cpu(const ComposeArgs<S>& a, S* out, const Strides5& os) {
-  using T = acc_t<S>;
-  const int D = a.size[0], H = a.size[1], W = a.size[2];
-  const int64_t B = a.batch;
-  at::parallel_for(0, B * D, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t bd = lo; bd < hi; ++bd) {
-      const int b = int(bd / D), d = int(bd % D);
-      const AffineIndexMap<T> A = compose_map<T>(a, b);
-      for (int h = 0; h < H; ++h)
-        for (int w = 0; w < W; ++w) {
-          S* o = out + b * os.b + d * os.d + h * os.h + w * os.w;
-          compose_forward_voxel<kWarp>(a, A, b, d, h, w,
-                                       [&](int c, T v) { o[c * os.c] = static_cast<S>(v); });
-        }
-    }
+  const int D = a.size[0];
+  at::parallel_for(0, int64_t(a.batch) * D, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bd = lo; bd < hi; ++bd) forward_slab<kWarp>(a, out, os, int(bd / D), int(bd % D));
   });
+}
+
+// One (b, d) slab of the backward pass: scatters into this thread's partial volumes df / di,
+// theta's gradient into th (12 values, double).
+template <bool kWarp, typename S>
+GVSL_FLATTEN void backward_slab(const ComposeArgs<S>& a, const S* g, const Strides5& gs,
+                                ComposeNeeds need, acc_t<S>* df, acc_t<S>* di, double* th,
+                                int b, int d) {
+  using T = acc_t<S>;
+  const int64_t N = int64_t(a.size[0]) * a.size[1] * a.size[2], C = a.channels;
+  const AffineIndexMap<T> A = compose_map<T>(a, b);
+  for (int h = 0; h < a.size[1]; ++h)
+    for (int w = 0; w < a.size[2]; ++w) {
+      const S* go = g + b * gs.b + d * gs.d + h * gs.h + w * gs.w;
+      T gp[3];
+      compose_backward_voxel<kWarp>(
+          a, A, b, d, h, w, need, [&](int c) { return static_cast<T>(go[c * gs.c]); },
+          [&](int k, int64_t off, T v) { df[(b * 3 + k) * N + off] += v; },
+          [&](int c, int64_t off, T v) { di[(b * C + c) * N + off] += v; }, gp);
+      if (need.theta) {
+        const double gpd[3] = {gp[0], gp[1], gp[2]};
+        accumulate_theta_grad(gpd, d, h, w, a.size, a.size, a.align_corners, th);
+      }
+    }
 }
 
 // Returns (d image, d theta, d flow); the ones not needed are empty.
@@ -54,26 +84,9 @@ std::vector<at::Tensor> backward_cpu(const ComposeArgs<S>& a, const at::Tensor& 
     T* df = need.flow ? dflow.data_ptr<T>() + tid * B * 3 * N : nullptr;
     T* di = need.image ? dimage.data_ptr<T>() + tid * B * C * N : nullptr;
     for (int64_t bd = lo; bd < hi; ++bd) {
-      const int b = int(bd / D), d = int(bd % D);
-      const AffineIndexMap<T> A = compose_map<T>(a, b);
       double th[12] = {0};
-      for (int h = 0; h < H; ++h)
-        for (int w = 0; w < W; ++w) {
-          const S* go = g + b * gs.b + d * gs.d + h * gs.h + w * gs.w;
-          T gp[3];
-          compose_backward_voxel<kWarp>(
-              a, A, b, d, h, w, need, [&](int c) { return static_cast<T>(go[c * gs.c]); },
-              [&](int k, int64_t off, T v) { df[(b * 3 + k) * N + off] += v; },
-              [&](int c, int64_t off, T v) { di[(b * C + c) * N + off] += v; }, gp);
-          if (need.theta) {
-            const double gpd[3] = {gp[0], gp[1], gp[2]};
-            accumulate_theta_grad(gpd, d, h, w, a.size, a.size, a.align_corners, th);
-          }
-        }
-      if (need.theta) {
-        double* dst = dtheta.data_ptr<double>() + bd * 12;
-        for (int j = 0; j < 12; ++j) dst[j] = th[j];
-      }
+      backward_slab<kWarp>(a, g, gs, need, df, di, th, int(bd / D), int(bd % D));
+      if (need.theta) std::copy(th, th + 12, dtheta.data_ptr<double>() + bd * 12);
     }
   });
   const auto out_dtype = opts.dtype().toScalarType();
