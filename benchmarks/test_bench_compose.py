@@ -55,7 +55,8 @@ def make_sets(device, count: int):
     sets = []
     for _ in range(count):
         theta = torch.eye(3, 4) + 0.05 * torch.randn(1, 3, 4, generator=g)
-        flow = 2 * torch.randn(1, 3, *SIZE, generator=g)
+        coarse = 2 * torch.randn(1, 3, 8, 8, 8, generator=g)  # a smooth flow of a few voxels
+        flow = F.interpolate(coarse, size=SIZE, mode="trilinear", align_corners=True)
         image = torch.rand(1, 1, *SIZE, generator=g)
         grad = torch.randn(1, 3, *SIZE, generator=g)
         theta, flow, image, grad = (t.to(device) for t in (theta, flow, image, grad))

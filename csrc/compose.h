@@ -94,18 +94,6 @@ struct ComposeNeeds {
   bool image, theta, flow;
 };
 
-// Re-bases a stencil's offsets from one set of strides to another (scatters go to contiguous
-// buffers while the inputs may be channels_last_3d).
-template <typename T>
-GVSL_HD Stencil<T> restride(Stencil<T> s, const Axis<T>* ax, int64_t sd, int64_t sh,
-                            int64_t sw) {
-GVSL_UNROLL8
-  for (int c = 0; c < 8; ++c)
-    s.off[c] = (ax[0].i0 + (c >> 2)) * sd + (ax[1].i0 + ((c >> 1) & 1)) * sh +
-               (ax[2].i0 + (c & 1)) * sw;
-  return s;
-}
-
 // Backward of one voxel, `grad(channel)` reading dL/d(output) at this voxel.
 // Scatters go through scatter_flow(k, offset, value) and scatter_image(c, offset, value), with
 // offsets in a contiguous (D, H, W) volume; dL/dp_hat is written to gp when needs.theta.
@@ -128,8 +116,8 @@ GVSL_HD void compose_backward_voxel(const ComposeArgs<S>& a, const AffineIndexMa
     const bool need_q = need.theta || need.flow;
     StencilGrad<T> gq;
     if (need_q) gq = make_stencil_grad(aq[0], aq[1], aq[2]);
-    Stencil<T> sqc;
-    if (need.image) sqc = restride(sq, aq, cd, ch, int64_t(1));
+    Stencil<T> sqc;  // the same corners in the contiguous d image buffer
+    if (need.image) sqc = make_stencil(cd, ch, int64_t(1), aq[0], aq[1], aq[2]);
     for (int c = 0; c < a.channels; ++c) {
       const T go = grad(c);
       if (need_q) {
@@ -144,7 +132,8 @@ GVSL_HD void compose_backward_voxel(const ComposeArgs<S>& a, const AffineIndexMa
     }
   }
   if (need.flow)
-    stencil_scatter(restride(cp.st, cp.ax, cd, ch, int64_t(1)), [&](int64_t off, T wt) {
+    stencil_scatter(make_stencil(cd, ch, int64_t(1), cp.ax[0], cp.ax[1], cp.ax[2]),
+                    [&](int64_t off, T wt) {
 #pragma unroll
       for (int k = 0; k < 3; ++k) scatter_flow(k, off, wt * g[k]);
     });

@@ -247,10 +247,11 @@ GVSL_HD Stencil<T> make_stencil(int64_t sd, int64_t sh, int64_t sw, const Axis<T
   const bool vd[2] = {ad.v0, ad.v1}, vh[2] = {ah.v0, ah.v1}, vw[2] = {aw.v0, aw.v1};
   Stencil<T> s;
   s.valid = 0u;
+  const int64_t base = ad.i0 * sd + ah.i0 * sh + aw.i0 * sw;
 GVSL_UNROLL8
   for (int c = 0; c < 8; ++c) {
     const int i = c >> 2, j = (c >> 1) & 1, k = c & 1;
-    s.off[c] = (ad.i0 + i) * sd + (ah.i0 + j) * sh + (aw.i0 + k) * sw;
+    s.off[c] = base + (i ? sd : 0) + (j ? sh : 0) + (k ? sw : 0);
     s.w[c] = wd[i] * wh[j] * ww[k];
     s.valid |= unsigned(vd[i] && vh[j] && vw[k]) << c;
   }

@@ -48,7 +48,8 @@ GVSL_FLATTEN void backward_slab(const ComposeArgs<S>& a, const S* g, const Strid
   using T = acc_t<S>;
   const int64_t N = int64_t(a.size[0]) * a.size[1] * a.size[2], C = a.channels;
   const AffineIndexMap<T> A = compose_map<T>(a, b);
-  for (int h = 0; h < a.size[1]; ++h)
+  for (int h = 0; h < a.size[1]; ++h) {
+    T row[12] = {0};  // one row in the accumulation type, then the slab in double
     for (int w = 0; w < a.size[2]; ++w) {
       const S* go = g + b * gs.b + d * gs.d + h * gs.h + w * gs.w;
       T gp[3];
@@ -56,11 +57,10 @@ GVSL_FLATTEN void backward_slab(const ComposeArgs<S>& a, const S* g, const Strid
           a, A, b, d, h, w, need, [&](int c) { return static_cast<T>(go[c * gs.c]); },
           [&](int k, int64_t off, T v) { df[(b * 3 + k) * N + off] += v; },
           [&](int c, int64_t off, T v) { di[(b * C + c) * N + off] += v; }, gp);
-      if (need.theta) {
-        const double gpd[3] = {gp[0], gp[1], gp[2]};
-        accumulate_theta_grad(gpd, d, h, w, a.size, a.size, a.align_corners, th);
-      }
+      if (need.theta) accumulate_theta_grad(gp, d, h, w, a.size, a.size, a.align_corners, row);
     }
+    for (int j = 0; j < 12; ++j) th[j] += row[j];
+  }
 }
 
 // Returns (d image, d theta, d flow); the ones not needed are empty.
