@@ -215,3 +215,94 @@ GVSL_HD void accumulate_theta_grad(const T* g, int d, int h, int w, const int* o
 }
 
 }  // namespace gvsl
+
+// ---- 8-corner stencil: one position's trilinear offsets and weights, computed once and applied
+// to several channels (values, derivatives, scatters). Same corner order and products as
+// trilinear / trilinear_grad / for_each_corner, so the results are identical to theirs.
+// GVSL_UNROLL8: full unrolling of the 8-corner loops on both compilers (GCC ignores a bare
+// `#pragma unroll`, and would otherwise keep the stencil arrays on the stack).
+#ifdef __CUDACC__
+#define GVSL_UNROLL8 _Pragma("unroll")
+#else
+#define GVSL_UNROLL8 _Pragma("GCC unroll 8")
+#endif
+
+namespace gvsl {
+
+template <typename T> struct Stencil {
+  int64_t off[8];  // corner c = 4 i + 2 j + k at offset (i0 + i) sd + (j0 + j) sh + (k0 + k) sw
+  T w[8];          // value weights
+  unsigned valid;  // bit c: corner c inside the volume (outside corners are never read)
+};
+
+// Derivative weights along d, h, w (each already multiplied by its axis's dcoord).
+template <typename T> struct StencilGrad {
+  T d[8], h[8], w[8];
+};
+
+template <typename T>
+GVSL_HD Stencil<T> make_stencil(int64_t sd, int64_t sh, int64_t sw, const Axis<T>& ad,
+                                const Axis<T>& ah, const Axis<T>& aw) {
+  const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
+  const bool vd[2] = {ad.v0, ad.v1}, vh[2] = {ah.v0, ah.v1}, vw[2] = {aw.v0, aw.v1};
+  Stencil<T> s;
+  s.valid = 0u;
+  const int64_t base = ad.i0 * sd + ah.i0 * sh + aw.i0 * sw;
+GVSL_UNROLL8
+  for (int c = 0; c < 8; ++c) {
+    const int i = c >> 2, j = (c >> 1) & 1, k = c & 1;
+    s.off[c] = base + (i ? sd : 0) + (j ? sh : 0) + (k ? sw : 0);
+    s.w[c] = wd[i] * wh[j] * ww[k];
+    s.valid |= unsigned(vd[i] && vh[j] && vw[k]) << c;
+  }
+  return s;
+}
+
+template <typename T>
+GVSL_HD StencilGrad<T> make_stencil_grad(const Axis<T>& ad, const Axis<T>& ah,
+                                         const Axis<T>& aw) {
+  const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
+  const T sd[2] = {-ad.dcoord, ad.dcoord}, sh[2] = {-ah.dcoord, ah.dcoord},
+          sw[2] = {-aw.dcoord, aw.dcoord};
+  StencilGrad<T> g;
+GVSL_UNROLL8
+  for (int c = 0; c < 8; ++c) {
+    const int i = c >> 2, j = (c >> 1) & 1, k = c & 1;
+    g.d[c] = sd[i] * wh[j] * ww[k];
+    g.h[c] = wd[i] * sh[j] * ww[k];
+    g.w[c] = wd[i] * wh[j] * sw[k];
+  }
+  return g;
+}
+
+template <typename S, typename T> GVSL_HD T stencil_value(const S* img, const Stencil<T>& s) {
+  T out = T(0);
+GVSL_UNROLL8
+  for (int c = 0; c < 8; ++c)
+    if ((s.valid >> c) & 1u) out += s.w[c] * static_cast<T>(img[s.off[c]]);
+  return out;
+}
+
+// Derivatives along d, h, w at the stencil's position (the value is stencil_value).
+template <typename S, typename T>
+GVSL_HD void stencil_derivatives(const S* img, const Stencil<T>& s, const StencilGrad<T>& g,
+                                 T& gd, T& gh, T& gw) {
+  gd = gh = gw = T(0);
+GVSL_UNROLL8
+  for (int c = 0; c < 8; ++c) {
+    if (!((s.valid >> c) & 1u)) continue;
+    const T v = static_cast<T>(img[s.off[c]]);
+    gd += g.d[c] * v;
+    gh += g.h[c] * v;
+    gw += g.w[c] * v;
+  }
+}
+
+// Calls f(offset, weight) for each corner inside the volume (the adjoint of stencil_value).
+template <typename T, typename F> GVSL_HD void stencil_scatter(const Stencil<T>& s, F&& f) {
+GVSL_UNROLL8
+  for (int c = 0; c < 8; ++c)
+    if ((s.valid >> c) & 1u) f(s.off[c], s.w[c]);
+}
+
+}  // namespace gvsl

@@ -3,6 +3,7 @@
 
 from gvsl_fast.ops import reference
 from gvsl_fast.ops.affine_warp import affine_warp
+from gvsl_fast.ops.compose import affine_flow_warp, compose
 from gvsl_fast.ops.lncc import NCC, LocalNormalizedCrossCorrelationLoss, lncc
 from gvsl_fast.ops.reference import smooth_loss
 from gvsl_fast.ops.warp import SpatialTransformer, Warp, grid_sample, warp
@@ -12,7 +13,9 @@ __all__ = [
     "LocalNormalizedCrossCorrelationLoss",
     "SpatialTransformer",
     "Warp",
+    "affine_flow_warp",
     "affine_warp",
+    "compose",
     "grid_sample",
     "lncc",
     "reference",

@@ -1,0 +1,156 @@
+// Per-voxel math of compose and affine_flow_warp (DESIGN §3), shared by the CPU loop
+// (csrc/cpu/compose.cpp) and the CUDA kernels (csrc/cuda/compose.cu).
+//
+//   p_hat = theta(p)            (exact index-space map, sampling.h: affine_index_map)
+//   q     = p_hat + flow(p_hat) (flow sampled trilinearly at p_hat)
+//   compose:          psi(p) = q - p
+//   affine_flow_warp: out(p) = image(q), every channel, without psi in memory
+//
+// Backward, with g = dL/dq (compose: the incoming gradient; affine_flow_warp: gathered from the
+// image at q): dL/dflow_k scatters g_k to the corners around p_hat, and
+// dL/dp_hat = g + J^T g with J the Jacobian of flow at p_hat; theta's gradient follows from
+// dL/dp_hat through accumulate_theta_grad.
+#pragma once
+#include "sampling.h"
+
+namespace gvsl {
+
+// Element strides of a (B, C, D, H, W) tensor.
+struct Strides5 {
+  int64_t b, c, d, h, w;
+};
+
+// Everything a voxel of either op reads or writes. theta is (B, 3, 4) contiguous; image and out
+// are used by affine_flow_warp only (compose writes psi to out with 3 channels).
+template <typename S> struct ComposeArgs {
+  const S* theta;
+  const S* flow;
+  Strides5 fs;
+  const S* image;
+  Strides5 is;
+  int batch;
+  int channels;  // of image (affine_flow_warp) or 3 (psi)
+  int size[3];   // D, H, W, shared by image, flow and output
+  bool align_corners;
+  int padding;
+};
+
+// Position data of one voxel: p_hat, the stencil of flow at p_hat, and q.
+template <typename T> struct ComposePoint {
+  T p_hat[3];
+  Axis<T> ax[3];
+  Stencil<T> st;  // flow's corners around p_hat, in flow's strides
+  T q[3];
+};
+
+template <typename T, typename S>
+GVSL_HD AffineIndexMap<T> compose_map(const ComposeArgs<S>& a, int b) {
+  return affine_index_map<T>(a.theta + 12 * b, a.size, a.size, a.align_corners);
+}
+
+template <typename T, typename S>
+GVSL_HD ComposePoint<T> compose_point(const ComposeArgs<S>& a, const AffineIndexMap<T>& A, int b,
+                                      int d, int h, int w) {
+  ComposePoint<T> cp;
+  apply_affine(A, d, h, w, cp.p_hat);
+#pragma unroll
+  for (int i = 0; i < 3; ++i) cp.ax[i] = linear_axis(cp.p_hat[i], a.size[i], a.padding);
+  cp.st = make_stencil(a.fs.d, a.fs.h, a.fs.w, cp.ax[0], cp.ax[1], cp.ax[2]);
+  const S* fl = a.flow + b * a.fs.b;
+#pragma unroll
+  for (int k = 0; k < 3; ++k) cp.q[k] = cp.p_hat[k] + stencil_value(fl + k * a.fs.c, cp.st);
+  return cp;
+}
+
+// Stencil of the image at q, in the given strides.
+template <typename T, typename S>
+GVSL_HD Stencil<T> image_stencil(const ComposeArgs<S>& a, const ComposePoint<T>& cp, int64_t sd,
+                                 int64_t sh, int64_t sw, Axis<T>* aq) {
+#pragma unroll
+  for (int i = 0; i < 3; ++i) aq[i] = linear_axis(cp.q[i], a.size[i], a.padding);
+  return make_stencil(sd, sh, sw, aq[0], aq[1], aq[2]);
+}
+
+// Forward of one voxel. compose: out[k] = psi_k (3 values); affine_flow_warp: out[c] = image_c(q).
+// Returns through `store(channel, value)` so callers choose the output layout and dtype.
+template <bool kWarp, typename T, typename S, typename Store>
+GVSL_HD void compose_forward_voxel(const ComposeArgs<S>& a, const AffineIndexMap<T>& A, int b,
+                                   int d, int h, int w, Store&& store) {
+  const ComposePoint<T> cp = compose_point(a, A, b, d, h, w);
+  if (kWarp) {
+    Axis<T> aq[3];
+    const Stencil<T> sq = image_stencil(a, cp, a.is.d, a.is.h, a.is.w, aq);
+    const S* img = a.image + b * a.is.b;
+    for (int c = 0; c < a.channels; ++c) store(c, stencil_value(img + c * a.is.c, sq));
+  } else {
+    const int p[3] = {d, h, w};
+#pragma unroll
+    for (int k = 0; k < 3; ++k) store(k, cp.q[k] - T(p[k]));
+  }
+}
+
+// Which gradients a backward pass computes.
+struct ComposeNeeds {
+  bool image, theta, flow;
+};
+
+// Backward of one voxel, `grad(channel)` reading dL/d(output) at this voxel.
+// Scatters go through scatter_flow(k, offset, value) and scatter_image(c, offset, value), with
+// offsets in a contiguous (D, H, W) volume; dL/dp_hat is written to gp when needs.theta.
+template <bool kWarp, typename T, typename S, typename Grad, typename ScatterFlow,
+          typename ScatterImage>
+GVSL_HD void compose_backward_voxel(const ComposeArgs<S>& a, const AffineIndexMap<T>& A, int b,
+                                    int d, int h, int w, ComposeNeeds need, Grad&& grad,
+                                    ScatterFlow&& scatter_flow, ScatterImage&& scatter_image,
+                                    T* gp) {
+  const ComposePoint<T> cp = compose_point(a, A, b, d, h, w);
+  const int64_t cd = int64_t(a.size[1]) * a.size[2], ch = a.size[2];
+  T g[3] = {T(0), T(0), T(0)};  // dL/dq
+  if (!kWarp) {
+#pragma unroll
+    for (int k = 0; k < 3; ++k) g[k] = grad(k);
+  } else {
+    Axis<T> aq[3];
+    const Stencil<T> sq = image_stencil(a, cp, a.is.d, a.is.h, a.is.w, aq);
+    const S* img = a.image + b * a.is.b;
+    const bool need_q = need.theta || need.flow;
+    StencilGrad<T> gq;
+    if (need_q) gq = make_stencil_grad(aq[0], aq[1], aq[2]);
+    Stencil<T> sqc;  // the same corners in the contiguous d image buffer
+    if (need.image) sqc = make_stencil(cd, ch, int64_t(1), aq[0], aq[1], aq[2]);
+    for (int c = 0; c < a.channels; ++c) {
+      const T go = grad(c);
+      if (need_q) {
+        T gd, gh, gw;
+        stencil_derivatives(img + c * a.is.c, sq, gq, gd, gh, gw);
+        g[0] += go * gd;
+        g[1] += go * gh;
+        g[2] += go * gw;
+      }
+      if (need.image)
+        stencil_scatter(sqc, [&](int64_t off, T wt) { scatter_image(c, off, wt * go); });
+    }
+  }
+  if (need.flow)
+    stencil_scatter(make_stencil(cd, ch, int64_t(1), cp.ax[0], cp.ax[1], cp.ax[2]),
+                    [&](int64_t off, T wt) {
+#pragma unroll
+      for (int k = 0; k < 3; ++k) scatter_flow(k, off, wt * g[k]);
+    });
+  if (need.theta) {
+    const S* fl = a.flow + b * a.fs.b;
+    const StencilGrad<T> gf = make_stencil_grad(cp.ax[0], cp.ax[1], cp.ax[2]);
+#pragma unroll
+    for (int i = 0; i < 3; ++i) gp[i] = g[i];
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      T jd, jh, jw;  // d flow_k / d p_hat
+      stencil_derivatives(fl + k * a.fs.c, cp.st, gf, jd, jh, jw);
+      gp[0] += g[k] * jd;
+      gp[1] += g[k] * jh;
+      gp[2] += g[k] * jw;
+    }
+  }
+}
+
+}  // namespace gvsl

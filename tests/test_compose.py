@@ -1,0 +1,232 @@
+"""compose and affine_flow_warp: every backend against the reference (values and gradients), an
+independent construction from F.affine_grid + F.grid_sample, exact identity, gradcheck,
+torch.compile and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gvsl_fast.ops import affine_flow_warp, compose
+from gvsl_fast.ops import reference as R
+from tests.common import HALF, backend_ids, fast_backends, rel_err, tolerance
+
+BACKENDS = fast_backends()
+IDS = backend_ids(BACKENDS)
+SIZE = (7, 9, 11)
+
+
+def make_inputs(device, dtype=torch.float32, batch=2, channels=2, size=SIZE, flow_scale=2.0,
+                seed=0):
+    """theta near the identity (rotation, scale, shear, translation up to ~0.2 in normalized
+    units) and a flow of a few voxels, so samples leave the volume at the borders."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.eye(3, 4).repeat(batch, 1, 1) + 0.15 * torch.randn(batch, 3, 4, generator=g)
+    flow = flow_scale * torch.randn(batch, 3, *size, generator=g)
+    image = torch.randn(batch, channels, *size, generator=g)
+    image[:, :, :2] = 0.5  # a constant region
+    return [t.to(device=device, dtype=dtype) for t in (theta, flow, image)]
+
+
+def grads(out, inputs, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    need = [t for t in inputs if t.requires_grad]
+    return torch.autograd.grad(out, need, g)
+
+
+def check_close(outs, refs, tol):
+    for out, ref in zip(outs, refs, strict=True):
+        assert rel_err(out, ref) <= tol, rel_err(out, ref)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize(("device", "backend"), BACKENDS, ids=IDS)
+def test_compose_matches_reference(device, backend, padding, align_corners):
+    theta, flow, _ = make_inputs(device)
+    theta.requires_grad_()
+    flow.requires_grad_()
+    out = compose(theta, flow, align_corners, padding, backend=backend)
+    ref = R.compose(theta, flow, align_corners, padding)
+    tol = tolerance(device, torch.float32)
+    assert out.shape == flow.shape and out.dtype == flow.dtype
+    check_close([out], [ref], tol)
+    check_close(grads(out, [theta, flow]), grads(ref, [theta, flow]), tol)
+
+
+@pytest.mark.parametrize("image_grad", [False, True])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize(("device", "backend"), BACKENDS, ids=IDS)
+def test_affine_flow_warp_matches_reference(device, backend, padding, align_corners,
+                                            image_grad):
+    theta, flow, image = make_inputs(device, channels=3, flow_scale=3.0)
+    for t in (theta, flow):
+        t.requires_grad_()
+    image.requires_grad_(image_grad)
+    inputs = [image, theta, flow]
+    out = affine_flow_warp(image, theta, flow, align_corners, padding, backend=backend)
+    ref = R.affine_flow_warp(image, theta, flow, align_corners, padding)
+    tol = tolerance(device, torch.float32)
+    assert out.shape == image.shape
+    check_close([out], [ref], tol)
+    got = grads(out, inputs)
+    assert len(got) == (3 if image_grad else 2)
+    check_close(got, grads(ref, inputs), tol)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS, ids=IDS)
+def test_only_requested_gradients(device, backend):
+    theta, flow, image = make_inputs(device)
+    flow.requires_grad_()
+    out = affine_flow_warp(image, theta, flow, backend=backend)
+    out.sum().backward()  # an expanded (stride 0) incoming gradient
+    ref_flow = flow.detach().clone().requires_grad_()
+    R.affine_flow_warp(image, theta, ref_flow).sum().backward()
+    assert theta.grad is None and image.grad is None
+    assert rel_err(flow.grad, ref_flow.grad) <= tolerance(device, torch.float32)
+    theta.requires_grad_()
+    flow.requires_grad_(False)
+    (dtheta,) = torch.autograd.grad(compose(theta, flow, backend=backend).sum(), [theta])
+    (ref,) = torch.autograd.grad(R.compose(theta, flow).sum(), [theta])
+    assert rel_err(dtheta, ref) <= tolerance(device, torch.float32)
+
+
+def _affine_grid_reference(image, theta, flow, align_corners, padding):
+    """psi and the warped image built only from F.affine_grid and F.grid_sample: flow is sampled
+    at the affine grid, positions converted between normalized and index units explicitly."""
+    size = flow.shape[2:]
+    grid = F.affine_grid(theta, list(flow.shape), align_corners=align_corners)  # (x, y, z)
+    sizes = torch.tensor(size[::-1], dtype=flow.dtype)  # W, H, D
+    if align_corners:
+        to_index = lambda x: (x + 1) / 2 * (sizes - 1)
+        to_norm = lambda i: 2 * i / (sizes - 1) - 1
+    else:
+        to_index = lambda x: ((x + 1) * sizes - 1) / 2
+        to_norm = lambda i: (2 * i + 1) / sizes - 1
+    sampled = F.grid_sample(flow, grid, "bilinear", padding, align_corners)  # (B, 3, D, H, W)
+    p_hat = to_index(grid).flip(-1).permute(0, 4, 1, 2, 3)  # (B, 3, D, H, W) in (d, h, w)
+    psi = sampled + p_hat - R.identity_grid(size, flow)
+    q = (sampled + p_hat).permute(0, 2, 3, 4, 1).flip(-1)  # (B, D, H, W, 3) in (w, h, d)
+    warped = F.grid_sample(image, to_norm(q), "bilinear", padding, align_corners)
+    return psi, warped
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_matches_affine_grid_construction(padding, align_corners):
+    theta, flow, image = make_inputs("cpu", torch.float64, flow_scale=1.5)
+    psi_ref, warped_ref = _affine_grid_reference(image, theta, flow, align_corners, padding)
+    psi = compose(theta, flow, align_corners, padding, backend="cpu")
+    warped = affine_flow_warp(image, theta, flow, align_corners, padding, backend="cpu")
+    assert rel_err(psi, psi_ref) <= 1e-12
+    assert rel_err(warped, warped_ref) <= 1e-12
+
+
+@pytest.mark.parametrize("size", [SIZE, (1, 5, 6)])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize(("device", "backend"), BACKENDS, ids=IDS)
+def test_identity_is_exact(device, backend, align_corners, size):
+    _, flow, image = make_inputs(device, size=size)
+    theta = torch.eye(3, 4, device=device).repeat(2, 1, 1)
+    for padding in ("zeros", "border"):
+        psi = compose(theta, torch.zeros_like(flow), align_corners, padding, backend=backend)
+        assert torch.equal(psi, torch.zeros_like(psi))
+        out = affine_flow_warp(image, theta, torch.zeros_like(flow), align_corners, padding,
+                               backend=backend)
+        assert torch.equal(out, image)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(("device", "backend"), BACKENDS, ids=IDS)
+def test_half_inputs(device, backend, dtype):
+    theta, flow, image = make_inputs(device, dtype)
+    for t in (theta, flow, image):
+        t.requires_grad_()
+    ref_in = [t.detach().float().requires_grad_() for t in (image, theta, flow)]
+    psi = compose(theta, flow, backend=backend)
+    out = affine_flow_warp(image, theta, flow, padding_mode="border", backend=backend)
+    assert psi.dtype == dtype and out.dtype == dtype
+    psi_ref = R.compose(*ref_in[1:])
+    out_ref = R.affine_flow_warp(*ref_in, padding_mode="border")
+    check_close([psi, out], [psi_ref, out_ref], 1e-2)
+    check_close(grads(psi, [theta, flow]), grads(psi_ref, ref_in[1:]), 1e-2)
+    got = grads(out, [image, theta, flow])
+    assert all(g.dtype == dtype for g in got)
+    check_close(got, grads(out_ref, ref_in), 1e-2)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS, ids=IDS)
+def test_channels_last_and_batch_one(device, backend):
+    theta, flow, image = make_inputs(device, batch=1, channels=4)
+    flow = flow.to(memory_format=torch.channels_last_3d)
+    image = image.to(memory_format=torch.channels_last_3d)
+    tol = tolerance(device, torch.float32)
+    check_close([compose(theta, flow, backend=backend),
+                 affine_flow_warp(image, theta, flow, backend=backend)],
+                [R.compose(theta, flow), R.affine_flow_warp(image, theta, flow)], tol)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_gradcheck_cpu_float64(padding):
+    theta, flow, image = make_inputs("cpu", torch.float64, batch=2, channels=2, size=(3, 4, 5),
+                                     flow_scale=0.7)
+    for t in (theta, flow, image):
+        t.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda th, fl: compose(th, fl, True, padding, backend="cpu"), (theta, flow))
+    assert torch.autograd.gradcheck(
+        lambda im, th, fl: affine_flow_warp(im, th, fl, False, padding, backend="cpu"),
+        (image, theta, flow))
+
+
+def test_theta_gradient_is_reproducible():
+    theta, flow, image = make_inputs("cpu", size=(17, 23, 29))
+    theta.requires_grad_()
+    runs = [grads(affine_flow_warp(image, theta, flow, backend="cpu"), [theta])[0]
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_torch_compile_fullgraph_cpu():
+    theta, flow, image = make_inputs("cpu")
+    theta.requires_grad_()
+    flow.requires_grad_()
+
+    def step(image, theta, flow):
+        psi = compose(theta, flow, backend="cpu")
+        return affine_flow_warp(image, theta, flow, backend="cpu").square().mean() + psi.mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(image, theta, flow), [theta, flow])
+    want = torch.autograd.grad(step(image, theta, flow), [theta, flow])
+    check_close(got, want, 1e-6)
+
+
+def test_bad_inputs():
+    theta, flow, image = make_inputs("cpu")
+    cases = [
+        (lambda: compose(theta, flow[:, :2]), ValueError, "`flow` must have 3 channels"),
+        (lambda: compose(theta, flow[0]), ValueError, "`flow` must be 5-D"),
+        (lambda: compose(theta[:, :2], flow), ValueError, "`theta` must be (B, 3, 4)"),
+        (lambda: compose(theta[:1], flow), ValueError, "`theta` has batch 1"),
+        (lambda: compose(theta, flow.int()), TypeError, "`flow` must be a floating tensor"),
+        (lambda: compose(theta.double(), flow), TypeError, "`theta` has dtype torch.float64"),
+        (lambda: compose(theta.to("meta"), flow), ValueError, "`theta` is on meta"),
+        (lambda: compose(theta, flow, padding_mode="reflection"), ValueError, "`padding_mode`"),
+        (lambda: compose(theta, flow, align_corners=1), TypeError, "`align_corners`"),
+        (lambda: compose(theta, flow[:, :, :0]), ValueError, "`flow` is empty"),
+        (lambda: compose(theta, flow, backend="gpu"), ValueError, "backend must be one of"),
+        (lambda: compose(theta, flow, backend="cuda"), RuntimeError, "needs CUDA tensors"),
+        (lambda: affine_flow_warp(image[:, :, 1:], theta, flow), ValueError,
+         "must share batch and spatial size"),
+        (lambda: affine_flow_warp(image[:1], theta, flow), ValueError,
+         "must share batch and spatial size"),
+        (lambda: affine_flow_warp(image.half(), theta, flow), TypeError, "has dtype"),
+        (lambda: affine_flow_warp(image[0], theta, flow), ValueError, "`image` must be 5-D"),
+    ]
+    for fn, exc, match in cases:
+        with pytest.raises(exc) as info:
+            fn()
+        assert match in str(info.value), (match, str(info.value))
