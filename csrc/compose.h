@@ -39,7 +39,7 @@ template <typename S> struct ComposeArgs {
 template <typename T> struct ComposePoint {
   T p_hat[3];
   Axis<T> ax[3];
-  Stencil<T> st;  // flow's corners around p_hat, in flow's strides
+  CornerStencil<T> st;  // flow's corners around p_hat, in flow's strides
   T q[3];
 };
 
@@ -64,7 +64,7 @@ GVSL_HD ComposePoint<T> compose_point(const ComposeArgs<S>& a, const AffineIndex
 
 // Stencil of the image at q, in the given strides.
 template <typename T, typename S>
-GVSL_HD Stencil<T> image_stencil(const ComposeArgs<S>& a, const ComposePoint<T>& cp, int64_t sd,
+GVSL_HD CornerStencil<T> image_stencil(const ComposeArgs<S>& a, const ComposePoint<T>& cp, int64_t sd,
                                  int64_t sh, int64_t sw, Axis<T>* aq) {
 #pragma unroll
   for (int i = 0; i < 3; ++i) aq[i] = linear_axis(cp.q[i], a.size[i], a.padding);
@@ -79,7 +79,7 @@ GVSL_HD void compose_forward_voxel(const ComposeArgs<S>& a, const AffineIndexMap
   const ComposePoint<T> cp = compose_point(a, A, b, d, h, w);
   if (kWarp) {
     Axis<T> aq[3];
-    const Stencil<T> sq = image_stencil(a, cp, a.is.d, a.is.h, a.is.w, aq);
+    const CornerStencil<T> sq = image_stencil(a, cp, a.is.d, a.is.h, a.is.w, aq);
     const S* img = a.image + b * a.is.b;
     for (int c = 0; c < a.channels; ++c) store(c, stencil_value(img + c * a.is.c, sq));
   } else {
@@ -111,12 +111,12 @@ GVSL_HD void compose_backward_voxel(const ComposeArgs<S>& a, const AffineIndexMa
     for (int k = 0; k < 3; ++k) g[k] = grad(k);
   } else {
     Axis<T> aq[3];
-    const Stencil<T> sq = image_stencil(a, cp, a.is.d, a.is.h, a.is.w, aq);
+    const CornerStencil<T> sq = image_stencil(a, cp, a.is.d, a.is.h, a.is.w, aq);
     const S* img = a.image + b * a.is.b;
     const bool need_q = need.theta || need.flow;
     StencilGrad<T> gq;
     if (need_q) gq = make_stencil_grad(aq[0], aq[1], aq[2]);
-    Stencil<T> sqc;  // the same corners in the contiguous d image buffer
+    CornerStencil<T> sqc;  // the same corners in the contiguous d image buffer
     if (need.image) sqc = make_stencil(cd, ch, int64_t(1), aq[0], aq[1], aq[2]);
     for (int c = 0; c < a.channels; ++c) {
       const T go = grad(c);

@@ -229,7 +229,7 @@ GVSL_HD void accumulate_theta_grad(const T* g, int d, int h, int w, const int* o
 
 namespace gvsl {
 
-template <typename T> struct Stencil {
+template <typename T> struct CornerStencil {
   int64_t off[8];  // corner c = 4 i + 2 j + k at offset (i0 + i) sd + (j0 + j) sh + (k0 + k) sw
   T w[8];          // value weights
   unsigned valid;  // bit c: corner c inside the volume (outside corners are never read)
@@ -241,11 +241,11 @@ template <typename T> struct StencilGrad {
 };
 
 template <typename T>
-GVSL_HD Stencil<T> make_stencil(int64_t sd, int64_t sh, int64_t sw, const Axis<T>& ad,
+GVSL_HD CornerStencil<T> make_stencil(int64_t sd, int64_t sh, int64_t sw, const Axis<T>& ad,
                                 const Axis<T>& ah, const Axis<T>& aw) {
   const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
   const bool vd[2] = {ad.v0, ad.v1}, vh[2] = {ah.v0, ah.v1}, vw[2] = {aw.v0, aw.v1};
-  Stencil<T> s;
+  CornerStencil<T> s;
   s.valid = 0u;
   const int64_t base = ad.i0 * sd + ah.i0 * sh + aw.i0 * sw;
 GVSL_UNROLL8
@@ -275,7 +275,7 @@ GVSL_UNROLL8
   return g;
 }
 
-template <typename S, typename T> GVSL_HD T stencil_value(const S* img, const Stencil<T>& s) {
+template <typename S, typename T> GVSL_HD T stencil_value(const S* img, const CornerStencil<T>& s) {
   T out = T(0);
 GVSL_UNROLL8
   for (int c = 0; c < 8; ++c)
@@ -285,7 +285,7 @@ GVSL_UNROLL8
 
 // Derivatives along d, h, w at the stencil's position (the value is stencil_value).
 template <typename S, typename T>
-GVSL_HD void stencil_derivatives(const S* img, const Stencil<T>& s, const StencilGrad<T>& g,
+GVSL_HD void stencil_derivatives(const S* img, const CornerStencil<T>& s, const StencilGrad<T>& g,
                                  T& gd, T& gh, T& gw) {
   gd = gh = gw = T(0);
 GVSL_UNROLL8
@@ -299,7 +299,7 @@ GVSL_UNROLL8
 }
 
 // Calls f(offset, weight) for each corner inside the volume (the adjoint of stencil_value).
-template <typename T, typename F> GVSL_HD void stencil_scatter(const Stencil<T>& s, F&& f) {
+template <typename T, typename F> GVSL_HD void stencil_scatter(const CornerStencil<T>& s, F&& f) {
 GVSL_UNROLL8
   for (int c = 0; c < 8; ++c)
     if ((s.valid >> c) & 1u) f(s.off[c], s.w[c]);
