@@ -1,5 +1,9 @@
 """Baselines in the original GVSL code's style, for the benchmarks to compare against.
 
+Registration: the NCC loss as five dense win^3 convolutions, the SpatialTransformer built on
+``F.grid_sample`` of an identity-plus-flow grid, and the affine and deformable parts applied as
+two successive resamplings.
+
 Appearance transforms: per-sample numpy on the CPU, as the GVSL repository's data loader runs
 them (a Python loop writing the shuffle blocks one by one, a 100000-point Bezier curve applied
 with ``np.interp``, boxes painted one at a time). Same transforms and settings as
@@ -9,6 +13,8 @@ with ``np.interp``, boxes painted one at a time). Same transforms and settings a
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 def local_pixel_shuffling(x: np.ndarray, rng: np.random.Generator, prob: float = 0.8,
@@ -69,3 +75,43 @@ def appearance_numpy(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     x = local_pixel_shuffling(x, rng)
     x = nonlinear_transformation(x, rng)
     return image_in_painting(x, rng)
+
+
+# ---- the original GVSL code's registration pieces (for the training-step baseline) ----------
+
+
+def original_ncc(I: torch.Tensor, J: torch.Tensor, win: int = 9) -> torch.Tensor:
+    """GVSL/VoxelMorph NCC loss as the original code computes it: five dense win^3 convolutions."""
+    filt = torch.ones(1, 1, win, win, win, device=I.device, dtype=I.dtype)
+    pad = win // 2
+    n = win ** 3
+
+    def conv(x):
+        return F.conv3d(x, filt, padding=pad)
+
+    I_sum, J_sum = conv(I), conv(J)
+    I2_sum, J2_sum, IJ_sum = conv(I * I), conv(J * J), conv(I * J)
+    u_I, u_J = I_sum / n, J_sum / n
+    cross = IJ_sum - u_J * I_sum - u_I * J_sum + u_I * u_J * n
+    I_var = I2_sum - 2 * u_I * I_sum + u_I * u_I * n
+    J_var = J2_sum - 2 * u_J * J_sum + u_J * u_J * n
+    cc = cross * cross / (I_var * J_var + 1e-5)
+    return 1.0 - torch.mean(cc)
+
+
+def original_spatial_transformer(src: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """The original SpatialTransformer: identity grid + flow, normalized, then F.grid_sample."""
+    size = flow.shape[2:]
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, device=flow.device, dtype=flow.dtype)
+                                        for s in size], indexing="ij")).unsqueeze(0)
+    locs = grid + flow
+    locs = torch.stack([2 * (locs[:, i] / (s - 1) - 0.5) for i, s in enumerate(size)], dim=1)
+    locs = locs.permute(0, 2, 3, 4, 1).flip(-1)
+    return F.grid_sample(src, locs, align_corners=True, mode="bilinear")
+
+
+def original_affine_then_deform(image: torch.Tensor, theta: torch.Tensor,
+                                flow: torch.Tensor) -> torch.Tensor:
+    """The original code's two resamplings: image(M(p + u(p)))."""
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    return original_spatial_transformer(F.grid_sample(image, grid, align_corners=False), flow)

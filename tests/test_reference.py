@@ -10,8 +10,16 @@ from common import rel_err
 
 from gvsl_fast.ops import reference as R
 
-torch.set_default_dtype(torch.float64)
 SHAPE = (2, 3, 7, 9, 11)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These comparisons run in float64 (restored afterwards: other modules assume float32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _theta(batch: int, scale: float = 0.15) -> torch.Tensor:

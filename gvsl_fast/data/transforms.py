@@ -19,11 +19,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from gvsl_fast.ops import _backend, reference
-
-# The spatial warp: affine + elastic in one resampling. One name so the fast op of the same
-# signature can replace the reference here.
-affine_flow_warp = reference.affine_flow_warp
+from gvsl_fast.affine import affine_matrix
+from gvsl_fast.ops import _backend
+from gvsl_fast.ops.compose import affine_flow_warp  # affine + elastic in one resampling
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 _announced: set[tuple[str, str]] = set()
@@ -297,7 +295,7 @@ class SpatialTransform:
         trans = uniform((B, 3), -self.translate, self.translate)
         alpha = uniform((B,), *self.alpha)
         sigma = uniform((B,), *self.sigma)
-        mat = _shear(shr) @ torch.diag_embed(scl) @ _rotation(ang)
+        mat = affine_matrix(ang, scl, torch.zeros_like(trans), shr)[..., :3]
         # centred voxel units -> normalized (x, y, z) = (W, H, D), align_corners=False
         half = torch.tensor(x.shape[2:][::-1], dtype=torch.float64, device=x.device) / 2
         theta = torch.cat([mat * half.view(1, 1, 3) / half.view(1, 3, 1), trans[..., None]], 2)
@@ -343,25 +341,3 @@ class SpatialTransform:
                                   align_corners=False, padding_mode="zeros")
         chans = [v.shape[1] for v in volumes]
         return tuple(w.to(v.dtype) for w, v in zip(warped.split(chans, 1), volumes, strict=True))
-
-
-def _rotation(ang: torch.Tensor) -> torch.Tensor:
-    """``Rz . Ry . Rx`` (B, 3, 3) from angles (B, 3) about x, y, z."""
-    c, s = torch.cos(ang), torch.sin(ang)
-    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
-
-    def mat(rows):
-        return torch.stack([torch.stack(r, -1) for r in rows], -2)
-
-    rx = mat([[one, zero, zero], [zero, c[:, 0], -s[:, 0]], [zero, s[:, 0], c[:, 0]]])
-    ry = mat([[c[:, 1], zero, s[:, 1]], [zero, one, zero], [-s[:, 1], zero, c[:, 1]]])
-    rz = mat([[c[:, 2], -s[:, 2], zero], [s[:, 2], c[:, 2], zero], [zero, zero, one]])
-    return rz @ ry @ rx
-
-
-def _shear(t: torch.Tensor) -> torch.Tensor:
-    """Shear matrix (B, 3, 3) with unit diagonal and the six tangents ``t`` off it."""
-    eye = torch.eye(3, dtype=t.dtype, device=t.device).expand(t.shape[0], 3, 3).clone()
-    rows, cols = zip(*[(i, j) for i in range(3) for j in range(3) if i != j], strict=True)
-    eye[:, list(rows), list(cols)] = t
-    return eye

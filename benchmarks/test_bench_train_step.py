@@ -1,0 +1,174 @@
+"""One GVSL training step (transforms, forward, backward, Adam): the fast path against the
+reference path and the original GVSL code's formulation, with a breakdown of where time goes.
+
+Paths:
+- fast: batched on-device transforms (fused kernels), custom ops (lncc, affine_warp,
+  affine_flow_warp);
+- reference: plain-torch transforms and the reference ops of gvsl_fast.ops.reference;
+- original: per-sample numpy appearance transforms, the spatial augmentation as two
+  grid_sample resamplings, the affine and deformable warps as two grid_sample calls, and the NCC
+  as dense 9^3 convolutions (benchmarks/baselines.py).
+
+Breakdown ("outside the convolutions"): the transforms of a batch plus the forward and backward
+of the registration ops and losses on tensors shaped as in the step (32-channel features); the
+convolutions are the rest of the step. CPU: 2x1x64^3. GPU: 2x1x128^3, fp32 and AMP, with peak
+memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from baselines import (
+    appearance_numpy,
+    original_affine_then_deform,
+    original_ncc,
+    original_spatial_transformer,
+)
+from conftest import median_time, record, sync
+
+from gvsl_fast.data import AppearanceTransform, SpatialTransform
+from gvsl_fast.models import GVSL, UNet3D
+from gvsl_fast.ops import reference
+
+
+class OriginalGVSL(GVSL):
+    """The same model with the original code's registration ops and order."""
+
+    def __init__(self, **kw):
+        super().__init__(fusion="code", **kw)
+
+    def _op(self, name):
+        def affine_warp(x, theta, align_corners=False):
+            grid = F.affine_grid(theta, list(x.shape), align_corners=align_corners)
+            return F.grid_sample(x, grid, align_corners=align_corners)
+
+        return {"affine_warp": affine_warp, "warp": original_spatial_transformer,
+                "lncc": lambda a, b, window: original_ncc(a, b, window),
+                "smooth_loss": reference.smooth_loss}[name]
+
+
+def _transforms(path: str, device):
+    app = AppearanceTransform(backend="torch" if path == "reference" else "auto")
+    spatial = SpatialTransform()
+
+    def run(a, b, g):
+        if path == "original":
+            rng = np.random.default_rng(0)
+            a_np = a.cpu().numpy()
+            a_t = torch.from_numpy(np.stack([appearance_numpy(x, rng) for x in a_np])).to(device)
+            theta, flow = spatial.params(a, g)
+            return tuple(original_affine_then_deform(v, theta, flow) for v in (a, a_t, b))
+        a_t = app(a, generator=g)
+        if path == "reference":
+            theta, flow = spatial.params(a, g)
+            x = torch.cat([a, a_t, b], 1)
+            return reference.affine_flow_warp(x, theta, flow).split(1, 1)
+        return spatial(a, a_t, b, generator=g)
+
+    return run
+
+
+def _model(path: str, device) -> GVSL:
+    torch.manual_seed(0)
+    if path == "original":
+        return OriginalGVSL(backbone=UNet3D()).to(device)
+    return GVSL(UNet3D(), ops_backend="auto" if path == "fast" else "reference").to(device)
+
+
+def _step_fn(path: str, device, size, amp: bool):
+    model = _model(path, device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    transforms = _transforms(path, device)
+    gen = torch.Generator(device=device)
+    a = torch.rand(2, 1, *size, device=device)
+    b = torch.rand(2, 1, *size, device=device)
+
+    def step():
+        gen.manual_seed(0)
+        a_, a_t, b_ = transforms(a, b, gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(a_, a_t, b_)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _outside_fn(path: str, device, size):
+    """Transforms + registration ops + losses, forward and backward, without the U-Net."""
+    model = _model(path, device)
+    transforms = _transforms(path, device)
+    gen = torch.Generator(device=device)
+    a = torch.rand(2, 1, *size, device=device)
+    b = torch.rand(2, 1, *size, device=device)
+    feats = torch.randn(2, 32, *size, device=device)
+    theta0 = torch.eye(3, 4, device=device).repeat(2, 1, 1) + 0.02 * torch.randn(2, 3, 4,
+                                                                                  device=device)
+    flow0 = torch.randn(2, 3, *size, device=device)
+    restored0 = torch.rand(2, 1, *size, device=device)
+
+    def run():
+        gen.manual_seed(0)
+        a_, _, b_ = transforms(a, b, gen)
+        f = feats.clone().requires_grad_()
+        theta = theta0.clone().requires_grad_()
+        flow = flow0.clone().requires_grad_()
+        restored = restored0.clone().requires_grad_()
+        moved_feats = model._op("affine_warp")(f, theta, align_corners=False)
+        warped = model.warp_moving(a_, theta, flow)
+        loss = (model._op("lncc")(warped, b_, window=9) + model._op("smooth_loss")(flow)
+                + F.mse_loss(restored, a_) + moved_feats.mean())
+        loss.backward()
+
+    return run
+
+
+def _measure(benchmark, device, size, amp: bool, rounds: int):
+    paths = ("fast", "reference", "original")
+    full, outside, peak = {}, {}, {}
+    for path in paths:
+        step = _step_fn(path, device, size, amp)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        full[path] = median_time(step, device, warmup=1, reps=rounds)
+        if device.type == "cuda":
+            peak[path] = torch.cuda.max_memory_allocated() / 2**20
+        outside[path] = median_time(_outside_fn(path, device, size), device, warmup=1,
+                                    reps=rounds)
+        del step
+    fast_step = _step_fn("fast", device, size, amp)
+
+    def timed():
+        fast_step()
+        sync(device)
+
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    voxels = 2 * int(np.prod(size))
+    record(benchmark, seconds=benchmark.stats.stats.median, shape=(2, 1, *size),
+           dtype=torch.bfloat16 if amp else torch.float32, backend="fast step", device=device,
+           bytes_moved=voxels * 4 * 3, baselines={"reference": full["reference"],
+                                                  "original": full["original"]})
+    info = benchmark.extra_info
+    for path in paths:
+        info[f"{path}_step_s"] = round(full[path], 4)
+        info[f"{path}_outside_convs_s"] = round(outside[path], 4)
+        info[f"{path}_convs_s"] = round(full[path] - outside[path], 4)
+        if peak:
+            info[f"{path}_peak_mib"] = round(peak[path], 1)
+    info["outside_convs_speedup_vs_original"] = round(outside["original"] / outside["fast"], 2)
+    info["step_speedup_vs_original"] = round(full["original"] / full["fast"], 2)
+    if peak:
+        info["peak_memory_ratio_fast_over_original"] = round(peak["fast"] / peak["original"], 3)
+
+
+def test_train_step_cpu(benchmark):
+    _measure(benchmark, torch.device("cpu"), (64, 64, 64), amp=False, rounds=3)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_train_step_gpu(benchmark, gpu, amp):
+    _measure(benchmark, gpu, (128, 128, 128), amp=amp, rounds=5)
