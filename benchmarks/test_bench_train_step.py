@@ -46,8 +46,7 @@ class OriginalGVSL(GVSL):
             return F.grid_sample(x, grid, align_corners=align_corners)
 
         return {"affine_warp": affine_warp, "warp": original_spatial_transformer,
-                "lncc": lambda a, b, window: original_ncc(a, b, window),
-                "smooth_loss": reference.smooth_loss}[name]
+                "lncc": lambda a, b, window: original_ncc(a, b, window)}[name]
 
 
 def _transforms(path: str, device):
@@ -120,7 +119,7 @@ def _outside_fn(path: str, device, size):
         restored = restored0.clone().requires_grad_()
         moved_feats = model._op("affine_warp")(f, theta, align_corners=False)
         warped = model.warp_moving(a_, theta, flow)
-        loss = (model._op("lncc")(warped, b_, window=9) + model._op("smooth_loss")(flow)
+        loss = (model._op("lncc")(warped, b_, window=9) + reference.smooth_loss(flow)
                 + F.mse_loss(restored, a_) + moved_feats.mean())
         loss.backward()
 

@@ -119,8 +119,10 @@ def _forward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc, 
         qhi, qhf, qhv0, qhv1, _ = _axis(ph + u1, H, BORDER)
         qwi, qwf, qwv0, qwv1, _ = _axis(pw + u2, W, BORDER)
         for c in range(C):
-            v, _, _, _ = _sample(im_ptr + b * isb + c * isc, isd, ish, isw, qdi, qdf, qdv0, qdv1,
-                                 qhi, qhf, qhv0, qhv1, qwi, qwf, qwv0, qwv1, mask, False)
+            # names unused before the loop: the compiler treats reassigned names as loop-carried
+            v, _vd, _vh, _vw = _sample(im_ptr + b * isb + c * isc, isd, ish, isw, qdi, qdf, qdv0,
+                                       qdv1, qhi, qhf, qhv0, qhv1, qwi, qwf, qwv0, qwv1, mask,
+                                       False)
             tl.store(out + c * osc, v.to(ty), mask=mask)
     else:
         tl.store(out, (pd + u0 - d.to(tl.float32)).to(ty), mask=mask)
@@ -159,8 +161,8 @@ def _backward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc,
             gc = tl.load(go + c * gsc, mask=mask, other=0.0).to(tl.float32)
             img = im_ptr + b * isb + c * isc
             if NEED_THETA or NEED_FLOW:
-                _, jd, jh, jw = _sample(img, isd, ish, isw, qdi, qdf, qdv0, qdv1, qhi, qhf, qhv0,
-                                        qhv1, qwi, qwf, qwv0, qwv1, mask, True)
+                _jv, jd, jh, jw = _sample(img, isd, ish, isw, qdi, qdf, qdv0, qdv1, qhi, qhf,
+                                          qhv0, qhv1, qwi, qwf, qwv0, qwv1, mask, True)
                 gqd += gc * jd * qdc_d
                 gqh += gc * jh * qdc_h
                 gqw += gc * jw * qdc_w

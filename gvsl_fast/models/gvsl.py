@@ -97,7 +97,7 @@ class GVSL(nn.Module):
             a32, b32 = a.float(), b.float()
             warped = self.warp_moving(a32, theta, flow)
             ncc = self._op("lncc")(warped, b32, window=self.ncc_window)
-            smooth = self._op("smooth_loss")(flow)
+            smooth = ops.smooth_loss(flow)
             mse = F.mse_loss(restored.float(), a32)
             w_ncc, w_smooth, w_mse = self.weights
             loss = w_ncc * ncc + w_smooth * smooth + w_mse * mse
