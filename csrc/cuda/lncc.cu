@@ -43,31 +43,40 @@ struct Shape {
   }
 };
 
-// I, J, I^2, J^2, IJ at one voxel.
+// Loaders fetch the raw values of one voxel (`fetch`, RAW floats) and expand them into the M
+// quantities to box-sum (`expand`), so the next slice's global loads can be issued early.
+
+// I, J, I^2, J^2, IJ from the two inputs.
 template <typename T> struct LoadInputs {
-  static constexpr int M = gvsl::kLnccSums;
+  static constexpr int M = gvsl::kLnccSums, RAW = 2;
   const T *a, *b;
   Strides sa, sb;
-  __device__ void operator()(const Shape& s, int bc, int d, int h, int w, float* q) const {
-    const float i = static_cast<float>(a[s.at(sa, bc, d, h, w)]);
-    const float j = static_cast<float>(b[s.at(sb, bc, d, h, w)]);
-    q[gvsl::kSI] = i;
-    q[gvsl::kSJ] = j;
-    q[gvsl::kSII] = i * i;
-    q[gvsl::kSJJ] = j * j;
-    q[gvsl::kSIJ] = i * j;
+  __device__ void fetch(const Shape& s, int bc, int d, int h, int w, float* raw) const {
+    raw[0] = static_cast<float>(a[s.at(sa, bc, d, h, w)]);
+    raw[1] = static_cast<float>(b[s.at(sb, bc, d, h, w)]);
+  }
+  __device__ static void expand(const float* raw, float* q) {
+    q[gvsl::kSI] = raw[0];
+    q[gvsl::kSJ] = raw[1];
+    q[gvsl::kSII] = raw[0] * raw[0];
+    q[gvsl::kSJJ] = raw[1] * raw[1];
+    q[gvsl::kSIJ] = raw[0] * raw[1];
   }
 };
 
 // The Q backward coefficient maps, stored (Q, B*C, D, H, W) contiguous.
 template <int Q> struct LoadCoefs {
-  static constexpr int M = Q;
+  static constexpr int M = Q, RAW = Q;
   const float* coef;
   int64_t qstride;
-  __device__ void operator()(const Shape& s, int bc, int d, int h, int w, float* q) const {
+  __device__ void fetch(const Shape& s, int bc, int d, int h, int w, float* raw) const {
     const int64_t i = ((int64_t(bc) * s.D + d) * s.H + h) * s.W + w;
 #pragma unroll
-    for (int m = 0; m < Q; ++m) q[m] = coef[m * qstride + i];
+    for (int m = 0; m < Q; ++m) raw[m] = coef[m * qstride + i];
+  }
+  __device__ static void expand(const float* raw, float* q) {
+#pragma unroll
+    for (int m = 0; m < Q; ++m) q[m] = raw[m];
   }
 };
 
@@ -127,59 +136,107 @@ template <typename T> struct ConsumeGrads {
   }
 };
 
-// Window sums over W then H of slice d for this thread's (h, w), from the halo tile.
-template <int K, int M, class Load>
-__device__ void slice_sums(const Load& load, const Shape& s, int bc, int d, int h0, int w0,
-                           float (*sx)[TH + K - 1][TW + K - 1], float (*sw)[TH + K - 1][TW],
-                           float* out) {
-  constexpr int R = K / 2, HH = TH + 2 * R, WW = TW + 2 * R;
+// Shared-memory tile of one slice: the halo'd quantities (rows padded to an odd pitch against
+// bank conflicts), their W sums, and (aliasing the first) their W+H sums.
+template <int K, int M> struct Tile {
+  static constexpr int R = K / 2, HH = TH + 2 * R, WW = TW + 2 * R;
+  static constexpr int WP = TW + 1, SEG = 8;
+  // Odd row pitch (conflict-free W sums) where it fits in the 48 KB of static shared memory.
+  static constexpr int XP =
+      (M * HH * (WW + 1) + M * HH * WP) * 4 + 256 <= 48 * 1024 ? WW + 1 : WW;
+  static constexpr int PER = (HH * WW + THREADS - 1) / THREADS;  // halo voxels per thread
+  float x[M][HH][XP];
+  float w[M][HH][WP];
+};
+
+// Issues the loads of slice d's halo tile into registers.
+template <int K, class Load>
+__device__ void fetch_tile(const Load& load, const Shape& s, int bc, int d, int h0, int w0,
+                           float (*raw)[Load::RAW]) {
+  using TileT = Tile<K, Load::M>;
   const int tid = threadIdx.y * TW + threadIdx.x;
-  __syncthreads();  // the previous slice is done with sx and sw
-  for (int e = tid; e < HH * WW; e += THREADS) {
-    const int hh = e / WW, ww = e % WW, h = h0 + hh - R, w = w0 + ww - R;
-    float q[M];
-    if (h >= 0 && h < s.H && w >= 0 && w < s.W) {
-      load(s, bc, d, h, w, q);
+#pragma unroll
+  for (int i = 0; i < TileT::PER; ++i) {
+    const int e = tid + i * THREADS;
+    const int hh = e / TileT::WW, ww = e % TileT::WW;
+    const int h = h0 + hh - TileT::R, w = w0 + ww - TileT::R;
+    if (e < TileT::HH * TileT::WW && h >= 0 && h < s.H && w >= 0 && w < s.W) {
+      load.fetch(s, bc, d, h, w, raw[i]);
     } else {
 #pragma unroll
-      for (int m = 0; m < M; ++m) q[m] = 0.f;
-    }
-#pragma unroll
-    for (int m = 0; m < M; ++m) sx[m][hh][ww] = q[m];
-  }
-  __syncthreads();
-  for (int e = tid; e < HH * TW; e += THREADS) {
-    const int hh = e / TW, x = e % TW;
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float acc = 0.f;
-#pragma unroll
-      for (int j = 0; j < K; ++j) acc += sx[m][hh][x + j];
-      sw[m][hh][x] = acc;
+      for (int m = 0; m < Load::RAW; ++m) raw[i][m] = 0.f;
     }
   }
-  __syncthreads();
+}
+
+// Stages the fetched slice, calls next(), and returns the window sums over W then H for this
+// thread's (h, w):
+// running sums over row segments (W) and tile columns (H), so that shared-memory traffic per
+// voxel does not grow with K.
+template <int K, int M, class Load, class Next>
+__device__ void slice_sums(Tile<K, M>& t, float (*raw)[Load::RAW], const Next& next, float* out) {
+  using TileT = Tile<K, M>;
+  constexpr int HH = TileT::HH, WW = TileT::WW, SEG = TileT::SEG, NSEG = TW / SEG;
+  const int tid = threadIdx.y * TW + threadIdx.x;
+  __syncthreads();  // the previous slice is done with the tile
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
+  for (int i = 0; i < TileT::PER; ++i) {
+    const int e = tid + i * THREADS;
+    if (e < HH * WW) {
+      float q[M];
+      Load::expand(raw[i], q);
+#pragma unroll
+      for (int m = 0; m < M; ++m) t.x[m][e / WW][e % WW] = q[m];
+    }
+  }
+  next();  // raw is free: issue the next slice's loads, to land while this one is summed
+  __syncthreads();
+  for (int task = tid; task < M * NSEG * HH; task += THREADS) {
+    const int hh = task % HH, sg = (task / HH) % NSEG, m = task / (HH * NSEG);
+    const float* row = &t.x[m][hh][sg * SEG];
+    float* dst = &t.w[m][hh][sg * SEG];
     float acc = 0.f;
 #pragma unroll
-    for (int j = 0; j < K; ++j) acc += sw[m][threadIdx.y + j][threadIdx.x];
-    out[m] = acc;
+    for (int j = 0; j < K; ++j) acc += row[j];
+    dst[0] = acc;
+#pragma unroll
+    for (int i = 1; i < SEG; ++i) {
+      acc += row[i + K - 1] - row[i - 1];
+      dst[i] = acc;
+    }
   }
+  __syncthreads();
+  float(*hs)[TH][TW] = reinterpret_cast<float(*)[TH][TW]>(&t.x[0][0][0]);  // x is free now
+  for (int task = tid; task < M * TW; task += THREADS) {
+    const int x = task % TW, m = task / TW;
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) acc += t.w[m][j][x];
+    hs[m][0][x] = acc;
+#pragma unroll
+    for (int i = 1; i < TH; ++i) {
+      acc += t.w[m][i + K - 1][x] - t.w[m][i - 1][x];
+      hs[m][i][x] = acc;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < M; ++m) out[m] = hs[m][threadIdx.y][threadIdx.x];
 }
 
 template <int K, class Load, class Consume>
 __global__ void __launch_bounds__(THREADS)
     box_stream_kernel(Shape s, int chunks, int chunk, Load load, Consume consume, float* partial) {
   constexpr int M = Load::M, R = K / 2;
-  __shared__ float sx[M][TH + 2 * R][TW + 2 * R];
-  __shared__ float sw[M][TH + 2 * R][TW];
+  using TileT = Tile<K, M>;
+  __shared__ TileT tile;
   __shared__ float red[THREADS / 32];
   const int w0 = blockIdx.x * TW, h0 = blockIdx.y * TH;
   const int bc = blockIdx.z / chunks, c = blockIdx.z % chunks;
   const int d0 = c * chunk, d1 = min(s.D, d0 + chunk);
   const int h = h0 + threadIdx.y, w = w0 + threadIdx.x;
   const bool inside = h < s.H && w < s.W;
+  const int zend = min(s.D, d1 + R);  // slices past this are zero
   float ring[K][M], acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -187,16 +244,22 @@ __global__ void __launch_bounds__(THREADS)
 #pragma unroll
     for (int j = 0; j < K; ++j) ring[j][m] = 0.f;
   }
+  float raw[TileT::PER][Load::RAW];
+  if (d0 - R >= 0) fetch_tile<K>(load, s, bc, d0 - R, h0, w0, raw);
   float sum = 0.f;
   for (int z0 = d0 - R; z0 < d1 + R; z0 += K) {
 #pragma unroll
     for (int j = 0; j < K; ++j) {
       const int z = z0 + j;  // ring[j] holds slice z - K
       if (z >= d1 + R) break;
+      const auto next = [&] {
+        if (z + 1 >= 0 && z + 1 < zend) fetch_tile<K>(load, s, bc, z + 1, h0, w0, raw);
+      };
       float p[M];
-      if (z >= 0 && z < s.D) {
-        slice_sums<K, M>(load, s, bc, z, h0, w0, sx, sw, p);
+      if (z >= 0 && z < zend) {
+        slice_sums<K, M, Load>(tile, raw, next, p);
       } else {
+        next();
 #pragma unroll
         for (int m = 0; m < M; ++m) p[m] = 0.f;
       }

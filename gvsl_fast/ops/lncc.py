@@ -22,6 +22,8 @@ __all__ = ["lncc", "NCC", "LocalNormalizedCrossCorrelationLoss"]
 
 OP = "lncc"
 CUDA_MAX_WINDOW = 15  # the CUDA kernels keep a window-deep ring of planes in registers
+# Codes shared with csrc/lncc.h (LnccPreset: PRESETS order; LnccReduction) and kernels/lncc.py.
+REDUCTIONS_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 
 def _check(a: torch.Tensor, b: torch.Tensor, window: int, reduction: str, preset: str) -> None:
@@ -80,10 +82,6 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
 
         return triton_lncc.lncc_forward(*args)
     return torch.ops.gvsl_fast.lncc_forward(*args)
-
-
-# Codes shared with csrc/lncc.h (LnccReduction) and kernels/lncc.py.
-REDUCTIONS_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 
 def grad_of_cc(grad: torch.Tensor, a: torch.Tensor, reduction: int) -> torch.Tensor:
