@@ -53,11 +53,11 @@ GVSL_HD ComposePoint<T> compose_point(const ComposeArgs<S>& a, const AffineIndex
                                       int d, int h, int w) {
   ComposePoint<T> cp;
   apply_affine(A, d, h, w, cp.p_hat);
-#pragma unroll
+GVSL_UNROLL
   for (int i = 0; i < 3; ++i) cp.ax[i] = linear_axis(cp.p_hat[i], a.size[i], a.padding);
   cp.st = make_stencil(a.fs.d, a.fs.h, a.fs.w, cp.ax[0], cp.ax[1], cp.ax[2]);
   const S* fl = a.flow + b * a.fs.b;
-#pragma unroll
+GVSL_UNROLL
   for (int k = 0; k < 3; ++k) cp.q[k] = cp.p_hat[k] + stencil_value(fl + k * a.fs.c, cp.st);
   return cp;
 }
@@ -66,7 +66,7 @@ GVSL_HD ComposePoint<T> compose_point(const ComposeArgs<S>& a, const AffineIndex
 template <typename T, typename S>
 GVSL_HD CornerStencil<T> image_stencil(const ComposeArgs<S>& a, const ComposePoint<T>& cp, int64_t sd,
                                  int64_t sh, int64_t sw, Axis<T>* aq) {
-#pragma unroll
+GVSL_UNROLL
   for (int i = 0; i < 3; ++i) aq[i] = linear_axis(cp.q[i], a.size[i], a.padding);
   return make_stencil(sd, sh, sw, aq[0], aq[1], aq[2]);
 }
@@ -84,7 +84,7 @@ GVSL_HD void compose_forward_voxel(const ComposeArgs<S>& a, const AffineIndexMap
     for (int c = 0; c < a.channels; ++c) store(c, stencil_value(img + c * a.is.c, sq));
   } else {
     const int p[3] = {d, h, w};
-#pragma unroll
+GVSL_UNROLL
     for (int k = 0; k < 3; ++k) store(k, cp.q[k] - T(p[k]));
   }
 }
@@ -107,7 +107,7 @@ GVSL_HD void compose_backward_voxel(const ComposeArgs<S>& a, const AffineIndexMa
   const int64_t cd = int64_t(a.size[1]) * a.size[2], ch = a.size[2];
   T g[3] = {T(0), T(0), T(0)};  // dL/dq
   if (!kWarp) {
-#pragma unroll
+GVSL_UNROLL
     for (int k = 0; k < 3; ++k) g[k] = grad(k);
   } else {
     Axis<T> aq[3];
@@ -134,15 +134,15 @@ GVSL_HD void compose_backward_voxel(const ComposeArgs<S>& a, const AffineIndexMa
   if (need.flow)
     stencil_scatter(make_stencil(cd, ch, int64_t(1), cp.ax[0], cp.ax[1], cp.ax[2]),
                     [&](int64_t off, T wt) {
-#pragma unroll
+GVSL_UNROLL
       for (int k = 0; k < 3; ++k) scatter_flow(k, off, wt * g[k]);
     });
   if (need.theta) {
     const S* fl = a.flow + b * a.fs.b;
     const StencilGrad<T> gf = make_stencil_grad(cp.ax[0], cp.ax[1], cp.ax[2]);
-#pragma unroll
+GVSL_UNROLL
     for (int i = 0; i < 3; ++i) gp[i] = g[i];
-#pragma unroll
+GVSL_UNROLL
     for (int k = 0; k < 3; ++k) {
       T jd, jh, jw;  // d flow_k / d p_hat
       stencil_derivatives(fl + k * a.fs.c, cp.st, gf, jd, jh, jw);

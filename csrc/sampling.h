@@ -219,12 +219,12 @@ GVSL_HD void accumulate_theta_grad(const T* g, int d, int h, int w, const int* o
 // ---- 8-corner stencil: one position's trilinear offsets and weights, computed once and applied
 // to several channels (values, derivatives, scatters). Same corner order and products as
 // trilinear / trilinear_grad / for_each_corner, so the results are identical to theirs.
-// GVSL_UNROLL8: full unrolling of the 8-corner loops on both compilers (GCC ignores a bare
+// GVSL_UNROLL: full unrolling of short constant loops on both compilers (GCC ignores a bare
 // `#pragma unroll`, and would otherwise keep the stencil arrays on the stack).
 #ifdef __CUDACC__
-#define GVSL_UNROLL8 _Pragma("unroll")
+#define GVSL_UNROLL _Pragma("unroll")
 #else
-#define GVSL_UNROLL8 _Pragma("GCC unroll 8")
+#define GVSL_UNROLL _Pragma("GCC unroll 8")
 #endif
 
 namespace gvsl {
@@ -248,7 +248,7 @@ GVSL_HD CornerStencil<T> make_stencil(int64_t sd, int64_t sh, int64_t sw, const 
   CornerStencil<T> s;
   s.valid = 0u;
   const int64_t base = ad.i0 * sd + ah.i0 * sh + aw.i0 * sw;
-GVSL_UNROLL8
+GVSL_UNROLL
   for (int c = 0; c < 8; ++c) {
     const int i = c >> 2, j = (c >> 1) & 1, k = c & 1;
     s.off[c] = base + (i ? sd : 0) + (j ? sh : 0) + (k ? sw : 0);
@@ -265,7 +265,7 @@ GVSL_HD StencilGrad<T> make_stencil_grad(const Axis<T>& ad, const Axis<T>& ah,
   const T sd[2] = {-ad.dcoord, ad.dcoord}, sh[2] = {-ah.dcoord, ah.dcoord},
           sw[2] = {-aw.dcoord, aw.dcoord};
   StencilGrad<T> g;
-GVSL_UNROLL8
+GVSL_UNROLL
   for (int c = 0; c < 8; ++c) {
     const int i = c >> 2, j = (c >> 1) & 1, k = c & 1;
     g.d[c] = sd[i] * wh[j] * ww[k];
@@ -277,7 +277,7 @@ GVSL_UNROLL8
 
 template <typename S, typename T> GVSL_HD T stencil_value(const S* img, const CornerStencil<T>& s) {
   T out = T(0);
-GVSL_UNROLL8
+GVSL_UNROLL
   for (int c = 0; c < 8; ++c)
     if ((s.valid >> c) & 1u) out += s.w[c] * static_cast<T>(img[s.off[c]]);
   return out;
@@ -288,7 +288,7 @@ template <typename S, typename T>
 GVSL_HD void stencil_derivatives(const S* img, const CornerStencil<T>& s, const StencilGrad<T>& g,
                                  T& gd, T& gh, T& gw) {
   gd = gh = gw = T(0);
-GVSL_UNROLL8
+GVSL_UNROLL
   for (int c = 0; c < 8; ++c) {
     if (!((s.valid >> c) & 1u)) continue;
     const T v = static_cast<T>(img[s.off[c]]);
@@ -300,7 +300,7 @@ GVSL_UNROLL8
 
 // Calls f(offset, weight) for each corner inside the volume (the adjoint of stencil_value).
 template <typename T, typename F> GVSL_HD void stencil_scatter(const CornerStencil<T>& s, F&& f) {
-GVSL_UNROLL8
+GVSL_UNROLL
   for (int c = 0; c < 8; ++c)
     if ((s.valid >> c) & 1u) f(s.off[c], s.w[c]);
 }

@@ -1,12 +1,13 @@
 """Triton kernels of compose and affine_flow_warp (DESIGN §3).
 
 One program handles ``BLOCK`` output voxels of one batch item: ``p_hat`` from the index-space
-affine map (computed once per batch item on the host, in float64, so the identity ``theta`` maps
-every voxel exactly onto itself), ``q = p_hat + flow(p_hat)``, then ``psi = q - p`` (compose) or
-``image(q)`` (affine_flow_warp). Backward: the gradient at ``q`` (given, or gathered from the
-image), atomics for the scatters into fp32 buffers, and per-program partial sums of the
-index-space moments ``sum g p^T`` and ``sum g`` that a fixed-order sum and the chain rule through
-the map turn into ``d theta``. Loads upcast to fp32; arithmetic is fp32.
+affine map (computed once per batch item on the host, rounded as the reference's, so the
+identity ``theta`` maps every voxel exactly onto itself), ``q = p_hat + flow(p_hat)``, then
+``psi = q - p`` (compose) or ``image(q)`` (affine_flow_warp). Backward: the gradient at ``q``
+(given, or gathered from the image), atomics for the scatters into fp32 buffers, and
+per-program partial sums of the index-space moments ``sum g p^T`` and ``sum g`` that a
+fixed-order sum and the chain rule through the map turn into ``d theta``. Loads upcast to fp32;
+arithmetic is fp32.
 """
 
 from __future__ import annotations
@@ -227,13 +228,19 @@ def _map_coefficients(size, align_corners: bool, device):
 
 
 def _index_map(theta: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
-    """(B, 12) float32: m row-major then t, exact for the identity theta."""
-    ca, cb, c, offset = _map_coefficients(size, align_corners, theta.device)
-    th = theta.double()
+    """(B, 12) float32: m row-major then t, exact for the identity theta.
+
+    Rounded as the reference's affine_positions (float32, coefficients rounded first, the
+    translation accumulated in the same order): trilinear gradients jump where a position
+    crosses an integer, so positions a few ulps apart can give visibly different gradients.
+    """
+    ca, cb, c, offset = (x.float() for x in _map_coefficients(size, align_corners, theta.device))
+    th = theta.float()
     A, tr = th[:, :, :3].flip(1).flip(2), th[:, :, 3].flip(1)
-    m = A * ca
-    t = tr * c + offset + (A * cb).sum(-1)
-    return torch.cat([m.flatten(1), t], 1).float().contiguous()
+    t = tr * c + offset
+    for j in range(3):
+        t = t + A[:, :, j] * cb[:, j]
+    return torch.cat([(A * ca).flatten(1), t], 1).contiguous()
 
 
 def _theta_grad(moments: torch.Tensor, size, align_corners: bool) -> torch.Tensor:

@@ -189,6 +189,22 @@ def test_theta_gradient_is_reproducible():
     assert torch.equal(runs[0], runs[1])
 
 
+def test_cpu_thread_count_does_not_change_results():
+    theta, flow, image = make_inputs("cpu", size=(17, 23, 29))
+    for t in (theta, flow, image):
+        t.requires_grad_()
+    threads = torch.get_num_threads()
+    runs = []
+    for n in (1, max(threads, 2)):
+        torch.set_num_threads(n)
+        try:
+            out = affine_flow_warp(image, theta, flow, backend="cpu")
+            runs.append(grads(out, [image, theta, flow]))
+        finally:
+            torch.set_num_threads(threads)
+    check_close(runs[1], runs[0], 1e-6)
+
+
 def test_torch_compile_fullgraph_cpu():
     theta, flow, image = make_inputs("cpu")
     theta.requires_grad_()

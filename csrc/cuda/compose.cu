@@ -25,13 +25,14 @@ struct Voxel {
   bool valid;
 };
 
+// 32-bit index arithmetic (64-bit division is slow on the GPU); the ops check D*H*W < 2^31.
 __device__ __forceinline__ Voxel voxel_of(int64_t i, const int* size) {
-  const int64_t N = int64_t(size[0]) * size[1] * size[2];
   Voxel v;
-  v.valid = i < N;
-  v.w = int(i % size[2]);
-  v.h = int((i / size[2]) % size[1]);
-  v.d = int(i / (int64_t(size[1]) * size[2]));
+  v.valid = i < int64_t(size[0]) * size[1] * size[2];
+  const unsigned j = unsigned(i), W = unsigned(size[2]), H = unsigned(size[1]);
+  v.w = int(j % W);
+  v.h = int((j / W) % H);
+  v.d = int(j / (W * H));
   return v;
 }
 
@@ -92,6 +93,7 @@ __global__ void backward_kernel(ComposeArgs<S> a, const S* grad, Strides5 gs, Co
 
 dim3 grid_of(const at::Tensor& flow) {
   const int64_t N = flow.size(2) * flow.size(3) * flow.size(4);
+  TORCH_CHECK(N < (int64_t(1) << 31), "compose: at most 2^31 voxels per volume on CUDA");
   return dim3(unsigned((N + kThreads - 1) / kThreads), unsigned(flow.size(0)));
 }
 
