@@ -49,8 +49,8 @@ inline Geometry geometry(const at::Tensor& image, const at::Tensor& out) {
   return g;
 }
 
-// Stencils of up to kBlock consecutive output voxels of one row, in structure-of-arrays form so
-// that building them and the per-channel gathers vectorize (AVX2/AVX-512 gathers).
+// Stencils of up to kBlock consecutive output voxels of one row, in structure-of-arrays form:
+// built once per voxel, then every channel's gathers run as vector gathers (AVX2/AVX-512).
 constexpr int kBlock = 32;
 
 template <typename T, bool kGrad> struct RowStencils {
@@ -58,13 +58,12 @@ template <typename T, bool kGrad> struct RowStencils {
   T w[8][kBlock];
   T dw[kGrad ? 3 : 1][8][kBlock];
 
-  // Mode and padding are template arguments so that the loop has no control flow left.
+  // Mode and padding are template arguments: the per-voxel loop carries no option branches.
   template <int kMode, int kPad, typename Src>
   void build(const Geometry& g, const Src& src_ref, int b, int d, int h, int w0, int n) {
     const Src src = src_ref;  // locals: no aliasing with the arrays written below
     const int size[3] = {g.in_size[0], g.in_size[1], g.in_size[2]};
     const int64_t sd = g.is[2], sh = g.is[3], sw = g.is[4];
-#pragma omp simd
     for (int v = 0; v < n; ++v) {
       T x[3];
       src.position(b, d, h, w0 + v, x);
