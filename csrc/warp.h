@@ -25,14 +25,14 @@ template <typename T> struct Stencil {
 // Builds the stencil of index position x = (d, h, w) on a volume of `size` voxels with element
 // strides (sd, sh, sw). Nearest mode puts the one corner in slot 0 and has zero derivatives.
 template <typename T, bool kGrad>
-GVSL_HD_INLINE void make_stencil(const T* x, const int* size, int64_t sd, int64_t sh, int64_t sw,
-                          int mode, int padding, Stencil<T>& s) {
+GVSL_HD_INLINE void make_stencil(const T* x, const int* size, int64_t sd, int64_t sh,
+                                 int64_t sw, int mode, int padding, Stencil<T>& s) {
   if (mode == kNearest) {
     const int id = nearest_index(x[0], size[0], padding);
     const int ih = nearest_index(x[1], size[1], padding);
     const int iw = nearest_index(x[2], size[2], padding);
     const bool ok = (id >= 0) & (ih >= 0) & (iw >= 0);
-GVSL_UNROLL
+    GVSL_UNROLL
     for (int k = 0; k < 8; ++k) {
       s.off[k] = 0;
       s.w[k] = T(0);
@@ -49,11 +49,11 @@ GVSL_UNROLL
   const T gd[2] = {-ad.dcoord, ad.dcoord}, gh[2] = {-ah.dcoord, ah.dcoord},
           gw[2] = {-aw.dcoord, aw.dcoord};
   const bool vd[2] = {ad.v0, ad.v1}, vh[2] = {ah.v0, ah.v1}, vw[2] = {aw.v0, aw.v1};
-GVSL_UNROLL
+  GVSL_UNROLL
   for (int i = 0; i < 2; ++i) {
-GVSL_UNROLL
+    GVSL_UNROLL
     for (int j = 0; j < 2; ++j) {
-GVSL_UNROLL
+      GVSL_UNROLL
       for (int k = 0; k < 2; ++k) {
         const int c = i * 4 + j * 2 + k;
         const bool ok = vd[i] & vh[j] & vw[k];
@@ -72,7 +72,7 @@ GVSL_UNROLL
 // Interpolated value of one channel (`img` points at its (0, 0, 0) voxel).
 template <typename T, typename S> GVSL_HD T stencil_value(const Stencil<T>& s, const S* img) {
   T out = T(0);
-GVSL_UNROLL
+  GVSL_UNROLL
   for (int k = 0; k < 8; ++k) out += s.w[k] * static_cast<T>(img[s.off[k]]);
   return out;
 }
@@ -81,7 +81,7 @@ GVSL_UNROLL
 template <typename T, typename S>
 GVSL_HD void stencil_pos_grad(const Stencil<T>& s, const S* img, T g, T* gpos) {
   T a = T(0), b = T(0), c = T(0);
-GVSL_UNROLL
+  GVSL_UNROLL
   for (int k = 0; k < 8; ++k) {
     const T v = static_cast<T>(img[s.off[k]]);
     a += s.dw[0][k] * v;
@@ -129,13 +129,13 @@ template <typename S> struct GridSource {
 
   template <typename T> GVSL_HD_INLINE void position(int b, int d, int h, int w, T* x) const {
     const S* g = grid + b * sb + d * sd + h * sh + w * sw;
-GVSL_UNROLL
+    GVSL_UNROLL
     for (int i = 0; i < 3; ++i)
       x[i] = unnormalize(static_cast<T>(g[(2 - i) * sc]), in_size[i], align_corners);
   }
   template <typename T> GVSL_HD void store_grad(int b, int d, int h, int w, const T* gp) const {
     S* g = grad + b * sb + d * sd + h * sh + w * sw;
-GVSL_UNROLL
+    GVSL_UNROLL
     for (int i = 0; i < 3; ++i)
       g[(2 - i) * sc] = static_cast<S>(gp[i] * unnormalize_scale<T>(in_size[i], align_corners));
   }
@@ -166,9 +166,9 @@ template <typename T, typename A>
 GVSL_HD void theta_moments(const T* g, int d, int h, int w, const int* out_size, A* m) {
   const T p[3] = {T(d) - T(half_extent(out_size[0])), T(h) - T(half_extent(out_size[1])),
                   T(w) - T(half_extent(out_size[2]))};
-GVSL_UNROLL
+  GVSL_UNROLL
   for (int i = 0; i < 3; ++i) {
-GVSL_UNROLL
+    GVSL_UNROLL
     for (int j = 0; j < 3; ++j) m[i * 4 + j] += g[i] * p[j];
     m[i * 4 + 3] += g[i];
   }
@@ -178,11 +178,11 @@ GVSL_UNROLL
 template <typename T>
 GVSL_HD void theta_grad_from_moments(const T* m, const int* out_size, const int* in_size,
                                      bool align_corners, T* dtheta) {
-GVSL_UNROLL
+  GVSL_UNROLL
   for (int i = 0; i < 3; ++i) {
     const int ri = 2 - i;
     const T c = unnormalize_scale<T>(in_size[i], align_corners);
-GVSL_UNROLL
+    GVSL_UNROLL
     for (int j = 0; j < 3; ++j) {
       const int so = out_size[j];
       const T a = so <= 1 ? T(0) : (align_corners ? T(2) / T(so - 1) : T(2) / T(so));
