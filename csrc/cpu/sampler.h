@@ -49,8 +49,8 @@ inline Geometry geometry(const at::Tensor& image, const at::Tensor& out) {
   return g;
 }
 
-// Stencils of up to kBlock consecutive output voxels of one row, in structure-of-arrays form:
-// built once per voxel, then every channel's gathers run as vector gathers (AVX2/AVX-512).
+// Stencils of up to kBlock consecutive output voxels of one row, built once per voxel (with the
+// options as template arguments) and then reused for every channel of that voxel.
 constexpr int kBlock = 32;
 
 template <typename T, bool kGrad> struct RowStencils {
@@ -107,14 +107,15 @@ void forward(const S* img, S* out, const Geometry& g, const Src& src, int mode, 
       for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
         const int n = std::min(kBlock, g.out_size[2] - w0);
         st.build(g, src, b, d, h, w0, n, mode, padding);
-        for (int c = 0; c < g.C; ++c) {
-          const S* ic = ib + c * g.is[1];
-          S* oc = ob + c * g.os[1] + w0 * g.os[4];
-#pragma omp simd
-          for (int v = 0; v < n; ++v) {
+        // Voxel-major: the 8 scalar corner loads per channel measured no slower than AVX gathers.
+        for (int v = 0; v < n; ++v) {
+          S* ov = ob + (w0 + v) * g.os[4];
+          for (int c = 0; c < g.C; ++c) {
+            const S* ic = ib + c * g.is[1];
             T acc = T(0);
+            GVSL_UNROLL
             for (int k = 0; k < 8; ++k) acc += st.w[k][v] * static_cast<T>(ic[st.off[k][v]]);
-            oc[v * g.os[4]] = static_cast<S>(acc);
+            ov[c * g.os[1]] = static_cast<S>(acc);
           }
         }
       }
@@ -142,32 +143,35 @@ void backward_lane(const S* img, const S* gout, const Geometry& g, const Src& sr
     for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
       const int n = std::min(kBlock, g.out_size[2] - w0);
       st.build(g, src, b, d, h, w0, n, mode, padding);
-      if constexpr (kPos) std::fill(&gp[0][0], &gp[0][0] + 3 * kBlock, T(0));
-      for (int c = c0; c < c1; ++c) {
-        const S* gc = gb + c * g.os[1] + w0 * g.os[4];
-        if (sb) {
-          T* sc = sb + c * g.is[1];
-          for (int v = 0; v < n; ++v) {
-            const T go = static_cast<T>(gc[v * g.os[4]]);
+      for (int v = 0; v < n; ++v) {
+        const S* gv = gb + (w0 + v) * g.os[4];
+        T pd = T(0), ph = T(0), pw = T(0);
+        for (int c = c0; c < c1; ++c) {
+          const T go = static_cast<T>(gv[c * g.os[1]]);
+          if (sb) {
+            T* sc = sb + c * g.is[1];
+            GVSL_UNROLL
             for (int k = 0; k < 8; ++k) sc[st.off[k][v]] += st.w[k][v] * go;
           }
-        }
-        if constexpr (kPos) {
-          const S* ic = ib + c * g.is[1];
-#pragma omp simd
-          for (int v = 0; v < n; ++v) {
-            const T go = static_cast<T>(gc[v * g.os[4]]);
+          if constexpr (kPos) {
+            const S* ic = ib + c * g.is[1];
             T a = T(0), bb = T(0), cc = T(0);
+            GVSL_UNROLL
             for (int k = 0; k < 8; ++k) {
               const T val = static_cast<T>(ic[st.off[k][v]]);
               a += st.dw[0][k][v] * val;
               bb += st.dw[1][k][v] * val;
               cc += st.dw[2][k][v] * val;
             }
-            gp[0][v] += go * a;
-            gp[1][v] += go * bb;
-            gp[2][v] += go * cc;
+            pd += go * a;
+            ph += go * bb;
+            pw += go * cc;
           }
+        }
+        if constexpr (kPos) {
+          gp[0][v] = pd;
+          gp[1][v] = ph;
+          gp[2][v] = pw;
         }
       }
       if constexpr (kPos) {
