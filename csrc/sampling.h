@@ -3,6 +3,13 @@
 #pragma once
 #include "macros.h"
 
+// Force-inlined on the host so that the CPU row loops that call these vectorize.
+#ifdef __CUDACC__
+#define GVSL_HD_INLINE GVSL_HD
+#else
+#define GVSL_HD_INLINE inline __attribute__((always_inline))
+#endif
+
 namespace gvsl {
 
 enum Padding : int { kZeros = 0, kBorder = 1 };
@@ -19,35 +26,36 @@ template <typename T> struct Axis {
 // Trilinear axis of coordinate x on an axis of `size` voxels.
 // Border: clamp to [0, size-1], zero gradient at and beyond the edge (as F.grid_sample);
 // NaN goes to 0. Zeros: a coordinate far outside (or non-finite) reads nothing.
-template <typename T> GVSL_HD Axis<T> linear_axis(T x, int size, int padding) {
+template <typename T> GVSL_HD_INLINE Axis<T> linear_axis(T x, int size, int padding) {
+  // Branch-free (selects only), so that CPU row loops vectorize.
   Axis<T> a;
-  a.dcoord = T(1);
   if (padding == kBorder) {
     const T hi = T(size - 1);
-    if (x <= T(0)) { x = T(0); a.dcoord = T(0); }
-    else if (x >= hi) { x = hi; a.dcoord = T(0); }
-    else if (!(x == x)) { x = T(0); a.dcoord = T(0); }
-  } else if (!(x > T(-2) && x < T(size + 1))) {
-    x = T(-2);  // both corners outside, value and gradient are zero
+    a.dcoord = ((x > T(0)) & (x < hi)) ? T(1) : T(0);
+    x = x > T(0) ? x : T(0);  // NaN goes to 0 too
+    x = x < hi ? x : hi;
+  } else {
+    a.dcoord = T(1);
+    x = ((x > T(-2)) & (x < T(size + 1))) ? x : T(-2);  // far: both corners outside, all zero
   }
   const T fl = gfloor(x);
   a.i0 = static_cast<int>(fl);
   a.f = x - fl;
-  a.v0 = a.i0 >= 0 && a.i0 < size;
-  a.v1 = a.i0 + 1 >= 0 && a.i0 + 1 < size;
+  a.v0 = (a.i0 >= 0) & (a.i0 < size);
+  a.v1 = (a.i0 + 1 >= 0) & (a.i0 + 1 < size);
   return a;
 }
 
 // Nearest index (round half to even, as F.grid_sample); -1 when outside with zeros padding.
-template <typename T> GVSL_HD int nearest_index(T x, int size, int padding) {
+template <typename T> GVSL_HD_INLINE int nearest_index(T x, int size, int padding) {
   if (padding == kBorder) {
-    if (!(x > T(0))) x = T(0);  // also NaN
-    if (x > T(size - 1)) x = T(size - 1);
-  } else if (!(x > T(-2) && x < T(size + 1))) {
-    return -1;
+    x = x > T(0) ? x : T(0);  // also NaN
+    x = x > T(size - 1) ? T(size - 1) : x;
+  } else {
+    x = ((x > T(-2)) & (x < T(size + 1))) ? x : T(-2);  // far (or NaN): outside
   }
   const int i = static_cast<int>(gnearbyint(x));
-  return (i >= 0 && i < size) ? i : -1;
+  return ((i >= 0) & (i < size)) ? i : -1;
 }
 
 // Value at one position of a (D, H, W) volume with element strides (sd, sh, sw).

@@ -4,6 +4,12 @@
 #pragma once
 #include "sampling.h"
 
+#if defined(__CUDACC__) || defined(__clang__)
+#define GVSL_UNROLL _Pragma("unroll")
+#else
+#define GVSL_UNROLL _Pragma("GCC unroll 8")
+#endif
+
 namespace gvsl {
 
 // The 8 corners of one sampling position: element offsets into a (D, H, W) volume and their
@@ -19,23 +25,21 @@ template <typename T> struct Stencil {
 // Builds the stencil of index position x = (d, h, w) on a volume of `size` voxels with element
 // strides (sd, sh, sw). Nearest mode puts the one corner in slot 0 and has zero derivatives.
 template <typename T, bool kGrad>
-GVSL_HD void make_stencil(const T* x, const int* size, int64_t sd, int64_t sh, int64_t sw,
-                          int mode, int padding, Stencil<T>& s) {
+GVSL_HD_INLINE void make_stencil(const T* x, const int* size, int64_t sd, int64_t sh,
+                                 int64_t sw, int mode, int padding, Stencil<T>& s) {
   if (mode == kNearest) {
     const int id = nearest_index(x[0], size[0], padding);
     const int ih = nearest_index(x[1], size[1], padding);
     const int iw = nearest_index(x[2], size[2], padding);
-    const bool ok = id >= 0 && ih >= 0 && iw >= 0;
-#pragma unroll
+    const bool ok = (id >= 0) & (ih >= 0) & (iw >= 0);
+    GVSL_UNROLL
     for (int k = 0; k < 8; ++k) {
       s.off[k] = 0;
       s.w[k] = T(0);
       if (kGrad) s.dw[0][k] = s.dw[1][k] = s.dw[2][k] = T(0);
     }
-    if (ok) {
-      s.off[0] = id * sd + ih * sh + iw * sw;
-      s.w[0] = T(1);
-    }
+    s.off[0] = ok ? id * sd + ih * sh + iw * sw : 0;
+    s.w[0] = ok ? T(1) : T(0);
     return;
   }
   const Axis<T> ad = linear_axis(x[0], size[0], padding);
@@ -45,14 +49,14 @@ GVSL_HD void make_stencil(const T* x, const int* size, int64_t sd, int64_t sh, i
   const T gd[2] = {-ad.dcoord, ad.dcoord}, gh[2] = {-ah.dcoord, ah.dcoord},
           gw[2] = {-aw.dcoord, aw.dcoord};
   const bool vd[2] = {ad.v0, ad.v1}, vh[2] = {ah.v0, ah.v1}, vw[2] = {aw.v0, aw.v1};
-#pragma unroll
+  GVSL_UNROLL
   for (int i = 0; i < 2; ++i) {
-#pragma unroll
+    GVSL_UNROLL
     for (int j = 0; j < 2; ++j) {
-#pragma unroll
+      GVSL_UNROLL
       for (int k = 0; k < 2; ++k) {
         const int c = i * 4 + j * 2 + k;
-        const bool ok = vd[i] && vh[j] && vw[k];
+        const bool ok = vd[i] & vh[j] & vw[k];
         s.off[c] = ok ? (ad.i0 + i) * sd + (ah.i0 + j) * sh + (aw.i0 + k) * sw : 0;
         s.w[c] = ok ? wd[i] * wh[j] * ww[k] : T(0);
         if (kGrad) {
@@ -68,7 +72,7 @@ GVSL_HD void make_stencil(const T* x, const int* size, int64_t sd, int64_t sh, i
 // Interpolated value of one channel (`img` points at its (0, 0, 0) voxel).
 template <typename T, typename S> GVSL_HD T stencil_value(const Stencil<T>& s, const S* img) {
   T out = T(0);
-#pragma unroll
+  GVSL_UNROLL
   for (int k = 0; k < 8; ++k) out += s.w[k] * static_cast<T>(img[s.off[k]]);
   return out;
 }
@@ -77,7 +81,7 @@ template <typename T, typename S> GVSL_HD T stencil_value(const Stencil<T>& s, c
 template <typename T, typename S>
 GVSL_HD void stencil_pos_grad(const Stencil<T>& s, const S* img, T g, T* gpos) {
   T a = T(0), b = T(0), c = T(0);
-#pragma unroll
+  GVSL_UNROLL
   for (int k = 0; k < 8; ++k) {
     const T v = static_cast<T>(img[s.off[k]]);
     a += s.dw[0][k] * v;
@@ -100,7 +104,7 @@ template <typename S> struct FlowSource {
   S* grad;  // same strides as flow
   int64_t sb, sc, sd, sh, sw;
 
-  template <typename T> GVSL_HD void position(int b, int d, int h, int w, T* x) const {
+  template <typename T> GVSL_HD_INLINE void position(int b, int d, int h, int w, T* x) const {
     const S* f = flow + b * sb + d * sd + h * sh + w * sw;
     x[0] = T(d) + static_cast<T>(f[0]);
     x[1] = T(h) + static_cast<T>(f[sc]);
@@ -123,15 +127,15 @@ template <typename S> struct GridSource {
   int in_size[3];
   bool align_corners;
 
-  template <typename T> GVSL_HD void position(int b, int d, int h, int w, T* x) const {
+  template <typename T> GVSL_HD_INLINE void position(int b, int d, int h, int w, T* x) const {
     const S* g = grid + b * sb + d * sd + h * sh + w * sw;
-#pragma unroll
+    GVSL_UNROLL
     for (int i = 0; i < 3; ++i)
       x[i] = unnormalize(static_cast<T>(g[(2 - i) * sc]), in_size[i], align_corners);
   }
   template <typename T> GVSL_HD void store_grad(int b, int d, int h, int w, const T* gp) const {
     S* g = grad + b * sb + d * sd + h * sh + w * sw;
-#pragma unroll
+    GVSL_UNROLL
     for (int i = 0; i < 3; ++i)
       g[(2 - i) * sc] = static_cast<S>(gp[i] * unnormalize_scale<T>(in_size[i], align_corners));
   }
@@ -143,7 +147,7 @@ template <typename T> struct AffineSource {
   static constexpr int kind = kAffine;
   const AffineIndexMap<T>* maps;  // one per batch element
 
-  GVSL_HD void position(int b, int d, int h, int w, T* x) const {
+  GVSL_HD_INLINE void position(int b, int d, int h, int w, T* x) const {
     apply_affine(maps[b], d, h, w, x);
   }
 };
@@ -162,9 +166,9 @@ template <typename T, typename A>
 GVSL_HD void theta_moments(const T* g, int d, int h, int w, const int* out_size, A* m) {
   const T p[3] = {T(d) - T(half_extent(out_size[0])), T(h) - T(half_extent(out_size[1])),
                   T(w) - T(half_extent(out_size[2]))};
-#pragma unroll
+  GVSL_UNROLL
   for (int i = 0; i < 3; ++i) {
-#pragma unroll
+    GVSL_UNROLL
     for (int j = 0; j < 3; ++j) m[i * 4 + j] += g[i] * p[j];
     m[i * 4 + 3] += g[i];
   }
@@ -174,11 +178,11 @@ GVSL_HD void theta_moments(const T* g, int d, int h, int w, const int* out_size,
 template <typename T>
 GVSL_HD void theta_grad_from_moments(const T* m, const int* out_size, const int* in_size,
                                      bool align_corners, T* dtheta) {
-#pragma unroll
+  GVSL_UNROLL
   for (int i = 0; i < 3; ++i) {
     const int ri = 2 - i;
     const T c = unnormalize_scale<T>(in_size[i], align_corners);
-#pragma unroll
+    GVSL_UNROLL
     for (int j = 0; j < 3; ++j) {
       const int so = out_size[j];
       const T a = so <= 1 ? T(0) : (align_corners ? T(2) / T(so - 1) : T(2) / T(so));

@@ -229,9 +229,11 @@ def _pos_strides(pos: torch.Tensor, source: int) -> tuple[int, ...]:
 
 
 def _fixed_point_scale(grad_out: torch.Tensor, n_out: int) -> torch.Tensor:
-    """Power-of-two scale so that n_out contributions of at most max|grad_out| fit in int64."""
+    """Power-of-two scale so that n_out contributions of at most max|grad_out| fit in int64
+    (capped so that it stays a finite float when grad_out is tiny or zero)."""
     peak = grad_out.detach().abs().amax().float().clamp_min(1e-30)
-    return torch.exp2(torch.floor(_FIXED_POINT_BITS - torch.log2(peak * n_out))).reshape(1)
+    bits = torch.floor(_FIXED_POINT_BITS - torch.log2(peak * n_out)).clamp_max(120.0)
+    return torch.exp2(bits).reshape(1)
 
 
 def forward(image: torch.Tensor, pos: torch.Tensor, source: int, mode: int, padding: int,

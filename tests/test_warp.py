@@ -139,6 +139,16 @@ def test_deterministic_image_grad_is_bitwise_reproducible(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+def test_deterministic_zero_grad_out(device, backend):
+    """The fixed-point scale stays finite when the incoming gradient is all zeros."""
+    image = torch.randn(1, 2, 5, 6, 7, device=device, requires_grad=True)
+    flow = torch.randn(1, 3, 5, 6, 7, device=device)
+    out = warp(image, flow, deterministic=True, backend=backend)
+    (g,) = torch.autograd.grad(out, [image], torch.zeros_like(out))
+    assert torch.equal(g, torch.zeros_like(image))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
 def test_non_finite_flow(device, backend):
     """NaN positions read nothing with zeros padding, the first voxel with border (reference)."""
     image = torch.randn(1, 2, 5, 6, 7, device=device)

@@ -178,9 +178,11 @@ at::Tensor launch_backward(const at::Tensor& grad_out, const at::Tensor& image, 
     TORCH_CHECK(gimg.strides() == image.strides(), "gvsl_fast: gradient buffer layout");
   }
   if (fixed) {
-    // Power-of-two scale such that every output voxel adding max|grad_out| cannot overflow.
+    // Power-of-two scale such that every output voxel adding max|grad_out| cannot overflow
+    // (capped so that the scale stays a finite float when grad_out is tiny or zero).
     const auto peak = grad_out.abs().amax().to(at::kFloat).clamp_min(1e-30);
-    scale = at::exp2(at::floor(62.0 - at::log2(peak * double(g.voxels())))).reshape({1});
+    const auto bits = at::floor(62.0 - at::log2(peak * double(g.voxels()))).clamp_max(120.0);
+    scale = at::exp2(bits).reshape({1});
   }
   if (pos_grad && Src::kind == kAffine)
     moments = at::empty({image.size(0), int64_t(grid.x), kMoments}, image.options().dtype(acc_type));
