@@ -7,33 +7,38 @@ from pathlib import Path
 
 import torch
 
-COLUMNS = ("step", "loss", "ncc", "smooth", "mse", "pairs_per_s", "seconds")
+LOSSES = ("loss", "ncc", "smooth", "mse")
+TRAIN_COLUMNS = ("step", *LOSSES, "pairs_per_s", "seconds")
+EVAL_COLUMNS = ("step", *LOSSES)
 
 
 class History:
-    """``history.csv`` in the run folder; on resume, rows past the resumed step are dropped so the
-    file matches the checkpoint it continues from."""
+    """One CSV of the run folder (``train``: history.csv, per step; ``eval``: eval.csv, the fixed
+    evaluation batch at each save). On resume, rows past the resumed step are dropped so the file
+    matches the checkpoint it continues from."""
 
-    def __init__(self, out_dir: Path, start_step: int) -> None:
-        self.path = Path(out_dir) / "history.csv"
+    def __init__(self, out_dir: Path, start_step: int, name: str = "train") -> None:
+        self.name = name
+        self.columns = TRAIN_COLUMNS if name == "train" else EVAL_COLUMNS
+        self.path = Path(out_dir) / ("history.csv" if name == "train" else f"{name}.csv")
         self.rows: list[dict] = []
         if start_step and self.path.is_file():
             with self.path.open() as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
         with self.path.open("w", newline="") as f:
-            w = csv.DictWriter(f, COLUMNS)
+            w = csv.DictWriter(f, self.columns)
             w.writeheader()
             w.writerows(self.rows)
-        self.tb = _tensorboard(out_dir)
+        self.tb = _tensorboard(Path(out_dir) / "tensorboard" / name)
 
     def append(self, row: dict) -> None:
-        row = {k: row[k] for k in COLUMNS}
+        row = {k: row[k] for k in self.columns}
         self.rows.append(row)
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, COLUMNS).writerow(row)
+            csv.DictWriter(f, self.columns).writerow(row)
         if self.tb is not None:
-            for k in ("loss", "ncc", "smooth", "mse", "pairs_per_s"):
-                self.tb.add_scalar(f"train/{k}", float(row[k]), int(row["step"]))
+            for k in self.columns[1:]:
+                self.tb.add_scalar(f"{self.name}/{k}", float(row[k]), int(row["step"]))
 
     def column(self, name: str) -> list[float]:
         return [float(r[name]) for r in self.rows]
@@ -43,12 +48,12 @@ class History:
             self.tb.close()
 
 
-def _tensorboard(out_dir: Path):
+def _tensorboard(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(Path(out_dir) / "tensorboard"))
+    return SummaryWriter(str(log_dir))
 
 
 def _pyplot():
@@ -60,12 +65,13 @@ def _pyplot():
     return plt
 
 
-def plot_losses(history: History, path: Path) -> None:
-    """Total, NCC, smoothness and restoration losses against the step."""
+def plot_losses(history: History, evaluation: History, path: Path) -> None:
+    """Total, NCC, smoothness and restoration losses against the step: per training batch, their
+    running mean, and on the fixed evaluation batch."""
     plt = _pyplot()
     steps = history.column("step")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, name in zip(axes, ("loss", "ncc", "smooth", "mse"), strict=True):
+    for ax, name in zip(axes, LOSSES, strict=True):
         values = history.column(name)
         ax.plot(steps, values, lw=0.8, alpha=0.5)
         if len(values) >= 10:  # a running mean shows the trend through per-batch noise
@@ -74,6 +80,8 @@ def plot_losses(history: History, path: Path) -> None:
             smooth = torch.nn.functional.conv1d(torch.tensor(values).view(1, 1, -1),
                                                 kernel.view(1, 1, -1)).flatten()
             ax.plot(steps[k - 1:], smooth.tolist(), lw=1.6)
+        ax.plot(evaluation.column("step"), evaluation.column(name), "o-", ms=4, label="eval")
+        ax.legend(loc="upper right")
         ax.set_title(name)
         ax.set_xlabel("step")
     fig.tight_layout()

@@ -19,7 +19,11 @@ from gvsl_fast.data.transforms import AppearanceTransform, SpatialTransform
 from gvsl_fast.models import GVSL, UNet3D
 from gvsl_fast.train import checkpoint, distributed
 from gvsl_fast.train.config import TrainConfig
-from gvsl_fast.train.logs import History, plot_losses, plot_preview
+from gvsl_fast.train.logs import LOSSES, History, plot_losses, plot_preview
+
+# The fixed evaluation pair: a batch of the loader's stream (a pure function of the step index)
+# that training never reaches, scored without augmentation at the start and at every save.
+EVAL_STEP = 2**40
 
 
 def default_cache() -> Path:
@@ -135,6 +139,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return out
 
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Losses of the model on the fixed evaluation pair (clean A as A_t, no augmentation)."""
+        a, b = (x.to(self.device) for x in self.loader.batch(EVAL_STEP))
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.model(a, a, b)
+        return {k: getattr(out, k).item() for k in LOSSES}
+
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
         return {
@@ -188,16 +201,20 @@ class Trainer:
                 if is_main:
                     print(f"gvsl-fast: resumed from {path} at step {self.step}", file=sys.stderr)
         history = History(cfg.out, self.step) if is_main else None
+        evaluation = History(cfg.out, self.step, "eval") if is_main else None
+        if is_main and self.step == 0:
+            evaluation.append({"step": 0, **self.evaluate()})
         bar = _progress(cfg, self.step) if is_main else None
         out = batch = rate = None
+        batches = iter(self.loader)  # prefetches from the loader's position (self.step)
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
-                a, b = self.loader.batch(self.step)
+                a, b = next(batches)
                 batch = self.prepare_batch(a, b, self.step)
                 out = self.train_step(*batch)
                 self.step += 1
-                losses = {k: getattr(out, k).item() for k in ("loss", "ncc", "smooth", "mse")}
+                losses = {k: getattr(out, k).item() for k in LOSSES}
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise FloatingPointError(f"non-finite loss at step {self.step}: {losses}")
                 dt = time.perf_counter() - t0
@@ -216,18 +233,20 @@ class Trainer:
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
                     if is_main:
-                        _pictures(cfg.out, history, batch, out)
+                        evaluation.append({"step": self.step, **self.evaluate()})
+                        _pictures(cfg.out, history, evaluation, batch, out)
         finally:
             if bar is not None:
                 bar.close()
-            if history is not None:
-                history.close()
+            for h in (history, evaluation):
+                if h is not None:
+                    h.close()
             distributed.cleanup()
         self.last = (batch, out)
         result = {"step": self.step, "out": str(cfg.out), "preset": cfg.preset,
                   "device": str(self.device), "loader": self.loader.kind}
         if out is not None:
-            result.update({k: float(getattr(out, k)) for k in ("loss", "ncc", "smooth", "mse")})
+            result.update({k: getattr(out, k).item() for k in LOSSES})
         return result
 
 
@@ -245,8 +264,8 @@ def pretrain(cfg: TrainConfig) -> dict:
     return Trainer(cfg).fit()
 
 
-def _pictures(out_dir: Path, history: History, batch, out) -> None:
-    plot_losses(history, out_dir / "loss_curves.png")
+def _pictures(out_dir: Path, history: History, evaluation: History, batch, out) -> None:
+    plot_losses(history, evaluation, out_dir / "loss_curves.png")
     if batch is not None and out is not None:
         a, _, b = batch
         plot_preview(b, a, out.warped, out.restored, out_dir / "registration_preview.png")
