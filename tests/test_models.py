@@ -83,3 +83,18 @@ def test_export_roundtrip(tmp_path):
         assert k == k2 and torch.equal(v, v2)
     with pytest.raises(FileNotFoundError, match="no weights"):
         UNet3D.from_pretrained(tmp_path / "missing.pt")
+
+
+def test_grad_checkpoint_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = UNet3D(down=(8, 16, 16, 16, 32), up=(16, 16, 16, 8))
+    ckpt = UNet3D(down=(8, 16, 16, 16, 32), up=(16, 16, 16, 8), grad_checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 1, 16, 16, 16)
+    grads = []
+    for net in (plain, ckpt):
+        f_g, f_l = net(x)
+        (f_g.square().mean() + f_l.square().mean()).backward()
+        grads.append([p.grad for p in net.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
