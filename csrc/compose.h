@@ -39,7 +39,7 @@ template <typename S> struct ComposeArgs {
 template <typename T> struct ComposePoint {
   T p_hat[3];
   Axis<T> ax[3];
-  CornerStencil<T> st;  // flow's corners around p_hat, in flow's strides
+  Stencil<T> st;  // flow's corners around p_hat, in flow's strides, without derivative weights
   T q[3];
 };
 
@@ -49,26 +49,15 @@ GVSL_HD AffineIndexMap<T> compose_map(const ComposeArgs<S>& a, int b) {
 }
 
 template <typename T, typename S>
-GVSL_HD ComposePoint<T> compose_point(const ComposeArgs<S>& a, const AffineIndexMap<T>& A, int b,
-                                      int d, int h, int w) {
-  ComposePoint<T> cp;
+GVSL_HD void compose_point(const ComposeArgs<S>& a, const AffineIndexMap<T>& A, int b, int d,
+                           int h, int w, ComposePoint<T>& cp) {
   apply_affine(A, d, h, w, cp.p_hat);
-GVSL_UNROLL
+  GVSL_UNROLL
   for (int i = 0; i < 3; ++i) cp.ax[i] = linear_axis(cp.p_hat[i], a.size[i], a.padding);
-  cp.st = make_stencil(a.fs.d, a.fs.h, a.fs.w, cp.ax[0], cp.ax[1], cp.ax[2]);
+  make_stencil<T, false>(cp.ax[0], cp.ax[1], cp.ax[2], a.fs.d, a.fs.h, a.fs.w, cp.st);
   const S* fl = a.flow + b * a.fs.b;
-GVSL_UNROLL
-  for (int k = 0; k < 3; ++k) cp.q[k] = cp.p_hat[k] + stencil_value(fl + k * a.fs.c, cp.st);
-  return cp;
-}
-
-// Stencil of the image at q, in the given strides.
-template <typename T, typename S>
-GVSL_HD CornerStencil<T> image_stencil(const ComposeArgs<S>& a, const ComposePoint<T>& cp, int64_t sd,
-                                 int64_t sh, int64_t sw, Axis<T>* aq) {
-GVSL_UNROLL
-  for (int i = 0; i < 3; ++i) aq[i] = linear_axis(cp.q[i], a.size[i], a.padding);
-  return make_stencil(sd, sh, sw, aq[0], aq[1], aq[2]);
+  GVSL_UNROLL
+  for (int k = 0; k < 3; ++k) cp.q[k] = cp.p_hat[k] + stencil_value(cp.st, fl + k * a.fs.c);
 }
 
 // Forward of one voxel. compose: out[k] = psi_k (3 values); affine_flow_warp: out[c] = image_c(q).
@@ -76,15 +65,16 @@ GVSL_UNROLL
 template <bool kWarp, typename T, typename S, typename Store>
 GVSL_HD void compose_forward_voxel(const ComposeArgs<S>& a, const AffineIndexMap<T>& A, int b,
                                    int d, int h, int w, Store&& store) {
-  const ComposePoint<T> cp = compose_point(a, A, b, d, h, w);
+  ComposePoint<T> cp;
+  compose_point(a, A, b, d, h, w, cp);
   if (kWarp) {
-    Axis<T> aq[3];
-    const CornerStencil<T> sq = image_stencil(a, cp, a.is.d, a.is.h, a.is.w, aq);
+    Stencil<T> sq;
+    make_stencil<T, false>(cp.q, a.size, a.is.d, a.is.h, a.is.w, kBilinear, a.padding, sq);
     const S* img = a.image + b * a.is.b;
-    for (int c = 0; c < a.channels; ++c) store(c, stencil_value(img + c * a.is.c, sq));
+    for (int c = 0; c < a.channels; ++c) store(c, stencil_value(sq, img + c * a.is.c));
   } else {
     const int p[3] = {d, h, w};
-GVSL_UNROLL
+    GVSL_UNROLL
     for (int k = 0; k < 3; ++k) store(k, cp.q[k] - T(p[k]));
   }
 }
@@ -103,53 +93,46 @@ GVSL_HD void compose_backward_voxel(const ComposeArgs<S>& a, const AffineIndexMa
                                     int d, int h, int w, ComposeNeeds need, Grad&& grad,
                                     ScatterFlow&& scatter_flow, ScatterImage&& scatter_image,
                                     T* gp) {
-  const ComposePoint<T> cp = compose_point(a, A, b, d, h, w);
+  ComposePoint<T> cp;
+  compose_point(a, A, b, d, h, w, cp);
   const int64_t cd = int64_t(a.size[1]) * a.size[2], ch = a.size[2];
   T g[3] = {T(0), T(0), T(0)};  // dL/dq
   if (!kWarp) {
-GVSL_UNROLL
+    GVSL_UNROLL
     for (int k = 0; k < 3; ++k) g[k] = grad(k);
   } else {
     Axis<T> aq[3];
-    const CornerStencil<T> sq = image_stencil(a, cp, a.is.d, a.is.h, a.is.w, aq);
-    const S* img = a.image + b * a.is.b;
+    GVSL_UNROLL
+    for (int i = 0; i < 3; ++i) aq[i] = linear_axis(cp.q[i], a.size[i], a.padding);
     const bool need_q = need.theta || need.flow;
-    StencilGrad<T> gq;
-    if (need_q) gq = make_stencil_grad(aq[0], aq[1], aq[2]);
-    CornerStencil<T> sqc;  // the same corners in the contiguous d image buffer
-    if (need.image) sqc = make_stencil(cd, ch, int64_t(1), aq[0], aq[1], aq[2]);
+    Stencil<T> sq, sqc;  // the image's corners around q; the same in the contiguous d image buffer
+    make_stencil<T, true>(aq[0], aq[1], aq[2], a.is.d, a.is.h, a.is.w, sq);
+    make_stencil<T, false>(aq[0], aq[1], aq[2], cd, ch, int64_t(1), sqc);
+    const S* img = a.image + b * a.is.b;
     for (int c = 0; c < a.channels; ++c) {
       const T go = grad(c);
-      if (need_q) {
-        T gd, gh, gw;
-        stencil_derivatives(img + c * a.is.c, sq, gq, gd, gh, gw);
-        g[0] += go * gd;
-        g[1] += go * gh;
-        g[2] += go * gw;
-      }
+      if (need_q) stencil_pos_grad(sq, img + c * a.is.c, go, g);
       if (need.image)
         stencil_scatter(sqc, [&](int64_t off, T wt) { scatter_image(c, off, wt * go); });
     }
   }
-  if (need.flow)
-    stencil_scatter(make_stencil(cd, ch, int64_t(1), cp.ax[0], cp.ax[1], cp.ax[2]),
-                    [&](int64_t off, T wt) {
-GVSL_UNROLL
+  if (need.flow) {
+    Stencil<T> sf;  // flow's corners in the contiguous d flow buffer
+    make_stencil<T, false>(cp.ax[0], cp.ax[1], cp.ax[2], cd, ch, int64_t(1), sf);
+    stencil_scatter(sf, [&](int64_t off, T wt) {
+      GVSL_UNROLL
       for (int k = 0; k < 3; ++k) scatter_flow(k, off, wt * g[k]);
     });
+  }
   if (need.theta) {
+    // dL/dp_hat = g + J^T g, J the Jacobian of flow at p_hat
+    Stencil<T> sf;
+    make_stencil<T, true>(cp.ax[0], cp.ax[1], cp.ax[2], a.fs.d, a.fs.h, a.fs.w, sf);
     const S* fl = a.flow + b * a.fs.b;
-    const StencilGrad<T> gf = make_stencil_grad(cp.ax[0], cp.ax[1], cp.ax[2]);
-GVSL_UNROLL
+    GVSL_UNROLL
     for (int i = 0; i < 3; ++i) gp[i] = g[i];
-GVSL_UNROLL
-    for (int k = 0; k < 3; ++k) {
-      T jd, jh, jw;  // d flow_k / d p_hat
-      stencil_derivatives(fl + k * a.fs.c, cp.st, gf, jd, jh, jw);
-      gp[0] += g[k] * jd;
-      gp[1] += g[k] * jh;
-      gp[2] += g[k] * jw;
-    }
+    GVSL_UNROLL
+    for (int k = 0; k < 3; ++k) stencil_pos_grad(sf, fl + k * a.fs.c, g[k], gp);
   }
 }
 

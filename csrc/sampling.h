@@ -10,6 +10,14 @@
 #define GVSL_HD_INLINE inline __attribute__((always_inline))
 #endif
 
+// Full unrolling of short constant loops on both compilers (GCC ignores a bare `#pragma unroll`,
+// and would otherwise keep the stencil arrays on the stack).
+#if defined(__CUDACC__) || defined(__clang__)
+#define GVSL_UNROLL _Pragma("unroll")
+#else
+#define GVSL_UNROLL _Pragma("GCC unroll 8")
+#endif
+
 namespace gvsl {
 
 enum Padding : int { kZeros = 0, kBorder = 1 };
@@ -58,81 +66,100 @@ template <typename T> GVSL_HD_INLINE int nearest_index(T x, int size, int paddin
   return ((i >= 0) & (i < size)) ? i : -1;
 }
 
-// Value at one position of a (D, H, W) volume with element strides (sd, sh, sw).
-template <typename S, typename T>
-GVSL_HD T trilinear(const S* img, int64_t sd, int64_t sh, int64_t sw, const Axis<T>& ad,
-                    const Axis<T>& ah, const Axis<T>& aw) {
+// ---- the 8-corner stencil of one sampling position ----------------------------------------
+// Element offsets into a (D, H, W) volume and their weights, computed once per position and
+// reused for every channel (values, position derivatives, scatters). Corner c = 4 i + 2 j + k is
+// (i0 + i, j0 + j, k0 + k). Corners outside the volume get weight 0 and offset 0 (a valid
+// address), so channel loops need no branches. Built with kGrad, dw[a][c] = d w[c] / d position_a
+// (already times the axis's border clamp factor dcoord); without it, dw is left unset.
+template <typename T> struct Stencil {
+  int64_t off[8];
+  T w[8];
+  T dw[3][8];
+};
+
+// Trilinear stencil of the three axes of a position, in element strides (sd, sh, sw).
+template <typename T, bool kGrad>
+GVSL_HD_INLINE void make_stencil(const Axis<T>& ad, const Axis<T>& ah, const Axis<T>& aw,
+                                 int64_t sd, int64_t sh, int64_t sw, Stencil<T>& s) {
   const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
+  const T gd[2] = {-ad.dcoord, ad.dcoord}, gh[2] = {-ah.dcoord, ah.dcoord},
+          gw[2] = {-aw.dcoord, aw.dcoord};
   const bool vd[2] = {ad.v0, ad.v1}, vh[2] = {ah.v0, ah.v1}, vw[2] = {aw.v0, aw.v1};
-  T out = T(0);
-#pragma unroll
+  GVSL_UNROLL
   for (int i = 0; i < 2; ++i) {
-    if (!vd[i]) continue;
-#pragma unroll
+    GVSL_UNROLL
     for (int j = 0; j < 2; ++j) {
-      if (!vh[j]) continue;
-#pragma unroll
+      GVSL_UNROLL
       for (int k = 0; k < 2; ++k) {
-        if (!vw[k]) continue;
-        const T v = static_cast<T>(img[(ad.i0 + i) * sd + (ah.i0 + j) * sh + (aw.i0 + k) * sw]);
-        out += wd[i] * wh[j] * ww[k] * v;
+        const int c = i * 4 + j * 2 + k;
+        const bool ok = vd[i] & vh[j] & vw[k];
+        s.off[c] = ok ? (ad.i0 + i) * sd + (ah.i0 + j) * sh + (aw.i0 + k) * sw : 0;
+        s.w[c] = ok ? wd[i] * wh[j] * ww[k] : T(0);
+        if (kGrad) {
+          s.dw[0][c] = ok ? gd[i] * wh[j] * ww[k] : T(0);
+          s.dw[1][c] = ok ? wd[i] * gh[j] * ww[k] : T(0);
+          s.dw[2][c] = ok ? wd[i] * wh[j] * gw[k] : T(0);
+        }
       }
     }
   }
+}
+
+// Stencil of index position x = (d, h, w) on a volume of `size` voxels, trilinear or nearest
+// (`mode`). Nearest puts its one corner in slot 0 and has zero derivatives.
+template <typename T, bool kGrad>
+GVSL_HD_INLINE void make_stencil(const T* x, const int* size, int64_t sd, int64_t sh,
+                                 int64_t sw, int mode, int padding, Stencil<T>& s) {
+  if (mode == kNearest) {
+    const int id = nearest_index(x[0], size[0], padding);
+    const int ih = nearest_index(x[1], size[1], padding);
+    const int iw = nearest_index(x[2], size[2], padding);
+    const bool ok = (id >= 0) & (ih >= 0) & (iw >= 0);
+    GVSL_UNROLL
+    for (int k = 0; k < 8; ++k) {
+      s.off[k] = 0;
+      s.w[k] = T(0);
+      if (kGrad) s.dw[0][k] = s.dw[1][k] = s.dw[2][k] = T(0);
+    }
+    s.off[0] = ok ? id * sd + ih * sh + iw * sw : 0;
+    s.w[0] = ok ? T(1) : T(0);
+    return;
+  }
+  make_stencil<T, kGrad>(linear_axis(x[0], size[0], padding), linear_axis(x[1], size[1], padding),
+                         linear_axis(x[2], size[2], padding), sd, sh, sw, s);
+}
+
+// Interpolated value of one channel (`img` points at its (0, 0, 0) voxel).
+template <typename T, typename S> GVSL_HD T stencil_value(const Stencil<T>& s, const S* img) {
+  T out = T(0);
+  GVSL_UNROLL
+  for (int k = 0; k < 8; ++k) out += s.w[k] * static_cast<T>(img[s.off[k]]);
   return out;
 }
 
-// Value and its derivatives along d, h, w (already multiplied by each axis's dcoord).
-template <typename S, typename T>
-GVSL_HD T trilinear_grad(const S* img, int64_t sd, int64_t sh, int64_t sw, const Axis<T>& ad,
-                         const Axis<T>& ah, const Axis<T>& aw, T& gd, T& gh, T& gw) {
-  const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
-  const T sg[2] = {T(-1), T(1)};
-  const bool vd[2] = {ad.v0, ad.v1}, vh[2] = {ah.v0, ah.v1}, vw[2] = {aw.v0, aw.v1};
-  T out = T(0);
-  gd = gh = gw = T(0);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    if (!vd[i]) continue;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      if (!vh[j]) continue;
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        if (!vw[k]) continue;
-        const T v = static_cast<T>(img[(ad.i0 + i) * sd + (ah.i0 + j) * sh + (aw.i0 + k) * sw]);
-        out += wd[i] * wh[j] * ww[k] * v;
-        gd += sg[i] * wh[j] * ww[k] * v;
-        gh += wd[i] * sg[j] * ww[k] * v;
-        gw += wd[i] * wh[j] * sg[k] * v;
-      }
-    }
+// Adds g * d value / d position of one channel to gpos (3 values, d/h/w); needs kGrad.
+template <typename T, typename S>
+GVSL_HD void stencil_pos_grad(const Stencil<T>& s, const S* img, T g, T* gpos) {
+  T a = T(0), b = T(0), c = T(0);
+  GVSL_UNROLL
+  for (int k = 0; k < 8; ++k) {
+    const T v = static_cast<T>(img[s.off[k]]);
+    a += s.dw[0][k] * v;
+    b += s.dw[1][k] * v;
+    c += s.dw[2][k] * v;
   }
-  gd *= ad.dcoord;
-  gh *= ah.dcoord;
-  gw *= aw.dcoord;
-  return out;
+  gpos[0] += g * a;
+  gpos[1] += g * b;
+  gpos[2] += g * c;
 }
 
-// Calls f(offset, weight) for each corner inside the volume: the adjoint (scatter) of trilinear.
-template <typename T, typename F>
-GVSL_HD void for_each_corner(int64_t sd, int64_t sh, int64_t sw, const Axis<T>& ad,
-                             const Axis<T>& ah, const Axis<T>& aw, F&& f) {
-  const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
-  const bool vd[2] = {ad.v0, ad.v1}, vh[2] = {ah.v0, ah.v1}, vw[2] = {aw.v0, aw.v1};
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    if (!vd[i]) continue;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      if (!vh[j]) continue;
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        if (!vw[k]) continue;
-        f((ad.i0 + i) * sd + (ah.i0 + j) * sh + (aw.i0 + k) * sw, wd[i] * wh[j] * ww[k]);
-      }
-    }
-  }
+// The adjoint of stencil_value: calls f(offset, weight) for each corner of nonzero weight
+// (skipping the zero-weight slots keeps GPU atomics off offset 0).
+template <typename T, typename F> GVSL_HD void stencil_scatter(const Stencil<T>& s, F&& f) {
+  GVSL_UNROLL
+  for (int k = 0; k < 8; ++k)
+    if (s.w[k] != T(0)) f(s.off[k], s.w[k]);
 }
 
 // ---- normalized coordinates (F.affine_grid / F.grid_sample conventions) -------------------
@@ -220,97 +247,6 @@ GVSL_HD void accumulate_theta_grad(const T* g, int d, int h, int w, const int* o
     for (int j = 0; j < 3; ++j) dtheta[ri * 4 + (2 - j)] += gi * n[j];
     dtheta[ri * 4 + 3] += gi;
   }
-}
-
-}  // namespace gvsl
-
-// ---- 8-corner stencil: one position's trilinear offsets and weights, computed once and applied
-// to several channels (values, derivatives, scatters). Same corner order and products as
-// trilinear / trilinear_grad / for_each_corner, so the results are identical to theirs.
-// GVSL_UNROLL: full unrolling of short constant loops on both compilers (GCC ignores a bare
-// `#pragma unroll`, and would otherwise keep the stencil arrays on the stack).
-#ifdef __CUDACC__
-#define GVSL_UNROLL _Pragma("unroll")
-#else
-#define GVSL_UNROLL _Pragma("GCC unroll 8")
-#endif
-
-namespace gvsl {
-
-template <typename T> struct CornerStencil {
-  int64_t off[8];  // corner c = 4 i + 2 j + k at offset (i0 + i) sd + (j0 + j) sh + (k0 + k) sw
-  T w[8];          // value weights
-  unsigned valid;  // bit c: corner c inside the volume (outside corners are never read)
-};
-
-// Derivative weights along d, h, w (each already multiplied by its axis's dcoord).
-template <typename T> struct StencilGrad {
-  T d[8], h[8], w[8];
-};
-
-template <typename T>
-GVSL_HD CornerStencil<T> make_stencil(int64_t sd, int64_t sh, int64_t sw, const Axis<T>& ad,
-                                const Axis<T>& ah, const Axis<T>& aw) {
-  const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
-  const bool vd[2] = {ad.v0, ad.v1}, vh[2] = {ah.v0, ah.v1}, vw[2] = {aw.v0, aw.v1};
-  CornerStencil<T> s;
-  s.valid = 0u;
-  const int64_t base = ad.i0 * sd + ah.i0 * sh + aw.i0 * sw;
-GVSL_UNROLL
-  for (int c = 0; c < 8; ++c) {
-    const int i = c >> 2, j = (c >> 1) & 1, k = c & 1;
-    s.off[c] = base + (i ? sd : 0) + (j ? sh : 0) + (k ? sw : 0);
-    s.w[c] = wd[i] * wh[j] * ww[k];
-    s.valid |= unsigned(vd[i] && vh[j] && vw[k]) << c;
-  }
-  return s;
-}
-
-template <typename T>
-GVSL_HD StencilGrad<T> make_stencil_grad(const Axis<T>& ad, const Axis<T>& ah,
-                                         const Axis<T>& aw) {
-  const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
-  const T sd[2] = {-ad.dcoord, ad.dcoord}, sh[2] = {-ah.dcoord, ah.dcoord},
-          sw[2] = {-aw.dcoord, aw.dcoord};
-  StencilGrad<T> g;
-GVSL_UNROLL
-  for (int c = 0; c < 8; ++c) {
-    const int i = c >> 2, j = (c >> 1) & 1, k = c & 1;
-    g.d[c] = sd[i] * wh[j] * ww[k];
-    g.h[c] = wd[i] * sh[j] * ww[k];
-    g.w[c] = wd[i] * wh[j] * sw[k];
-  }
-  return g;
-}
-
-template <typename S, typename T> GVSL_HD T stencil_value(const S* img, const CornerStencil<T>& s) {
-  T out = T(0);
-GVSL_UNROLL
-  for (int c = 0; c < 8; ++c)
-    if ((s.valid >> c) & 1u) out += s.w[c] * static_cast<T>(img[s.off[c]]);
-  return out;
-}
-
-// Derivatives along d, h, w at the stencil's position (the value is stencil_value).
-template <typename S, typename T>
-GVSL_HD void stencil_derivatives(const S* img, const CornerStencil<T>& s, const StencilGrad<T>& g,
-                                 T& gd, T& gh, T& gw) {
-  gd = gh = gw = T(0);
-GVSL_UNROLL
-  for (int c = 0; c < 8; ++c) {
-    if (!((s.valid >> c) & 1u)) continue;
-    const T v = static_cast<T>(img[s.off[c]]);
-    gd += g.d[c] * v;
-    gh += g.h[c] * v;
-    gw += g.w[c] * v;
-  }
-}
-
-// Calls f(offset, weight) for each corner inside the volume (the adjoint of stencil_value).
-template <typename T, typename F> GVSL_HD void stencil_scatter(const CornerStencil<T>& s, F&& f) {
-GVSL_UNROLL
-  for (int c = 0; c < 8; ++c)
-    if ((s.valid >> c) & 1u) f(s.off[c], s.w[c]);
 }
 
 }  // namespace gvsl

@@ -1,97 +1,10 @@
 // Per-voxel math of warp, grid_sample and affine_warp, shared by the CPU loops (csrc/cpu) and
-// the CUDA kernels (csrc/cuda): the 8-corner stencil of one sampling position, and the three
-// sources of positions (a displacement field, a normalized grid, an affine theta).
+// the CUDA kernels (csrc/cuda): the three sources of sampling positions (a displacement field, a
+// normalized grid, an affine theta). Each position is sampled through sampling.h's Stencil.
 #pragma once
 #include "sampling.h"
 
-#if defined(__CUDACC__) || defined(__clang__)
-#define GVSL_UNROLL _Pragma("unroll")
-#else
-#define GVSL_UNROLL _Pragma("GCC unroll 8")
-#endif
-
 namespace gvsl {
-
-// The 8 corners of one sampling position: element offsets into a (D, H, W) volume and their
-// weights, computed once per voxel and reused for every channel. Corners outside the volume get
-// weight 0 and offset 0 (a valid address), so channel loops need no branches.
-// With `grad`, dw[a][k] = d weight_k / d position_a (already times the border clamp factor).
-template <typename T> struct Stencil {
-  int64_t off[8];
-  T w[8];
-  T dw[3][8];
-};
-
-// Builds the stencil of index position x = (d, h, w) on a volume of `size` voxels with element
-// strides (sd, sh, sw). Nearest mode puts the one corner in slot 0 and has zero derivatives.
-template <typename T, bool kGrad>
-GVSL_HD_INLINE void make_stencil(const T* x, const int* size, int64_t sd, int64_t sh,
-                                 int64_t sw, int mode, int padding, Stencil<T>& s) {
-  if (mode == kNearest) {
-    const int id = nearest_index(x[0], size[0], padding);
-    const int ih = nearest_index(x[1], size[1], padding);
-    const int iw = nearest_index(x[2], size[2], padding);
-    const bool ok = (id >= 0) & (ih >= 0) & (iw >= 0);
-    GVSL_UNROLL
-    for (int k = 0; k < 8; ++k) {
-      s.off[k] = 0;
-      s.w[k] = T(0);
-      if (kGrad) s.dw[0][k] = s.dw[1][k] = s.dw[2][k] = T(0);
-    }
-    s.off[0] = ok ? id * sd + ih * sh + iw * sw : 0;
-    s.w[0] = ok ? T(1) : T(0);
-    return;
-  }
-  const Axis<T> ad = linear_axis(x[0], size[0], padding);
-  const Axis<T> ah = linear_axis(x[1], size[1], padding);
-  const Axis<T> aw = linear_axis(x[2], size[2], padding);
-  const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
-  const T gd[2] = {-ad.dcoord, ad.dcoord}, gh[2] = {-ah.dcoord, ah.dcoord},
-          gw[2] = {-aw.dcoord, aw.dcoord};
-  const bool vd[2] = {ad.v0, ad.v1}, vh[2] = {ah.v0, ah.v1}, vw[2] = {aw.v0, aw.v1};
-  GVSL_UNROLL
-  for (int i = 0; i < 2; ++i) {
-    GVSL_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      GVSL_UNROLL
-      for (int k = 0; k < 2; ++k) {
-        const int c = i * 4 + j * 2 + k;
-        const bool ok = vd[i] & vh[j] & vw[k];
-        s.off[c] = ok ? (ad.i0 + i) * sd + (ah.i0 + j) * sh + (aw.i0 + k) * sw : 0;
-        s.w[c] = ok ? wd[i] * wh[j] * ww[k] : T(0);
-        if (kGrad) {
-          s.dw[0][c] = ok ? gd[i] * wh[j] * ww[k] : T(0);
-          s.dw[1][c] = ok ? wd[i] * gh[j] * ww[k] : T(0);
-          s.dw[2][c] = ok ? wd[i] * wh[j] * gw[k] : T(0);
-        }
-      }
-    }
-  }
-}
-
-// Interpolated value of one channel (`img` points at its (0, 0, 0) voxel).
-template <typename T, typename S> GVSL_HD T stencil_value(const Stencil<T>& s, const S* img) {
-  T out = T(0);
-  GVSL_UNROLL
-  for (int k = 0; k < 8; ++k) out += s.w[k] * static_cast<T>(img[s.off[k]]);
-  return out;
-}
-
-// Adds g * d value / d position of one channel to gpos (3 values, d/h/w).
-template <typename T, typename S>
-GVSL_HD void stencil_pos_grad(const Stencil<T>& s, const S* img, T g, T* gpos) {
-  T a = T(0), b = T(0), c = T(0);
-  GVSL_UNROLL
-  for (int k = 0; k < 8; ++k) {
-    const T v = static_cast<T>(img[s.off[k]]);
-    a += s.dw[0][k] * v;
-    b += s.dw[1][k] * v;
-    c += s.dw[2][k] * v;
-  }
-  gpos[0] += g * a;
-  gpos[1] += g * b;
-  gpos[2] += g * c;
-}
 
 // ---- position sources: where output voxel (b, d, h, w) samples, and where its gradient goes --
 

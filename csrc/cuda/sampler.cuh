@@ -127,16 +127,14 @@ __global__ void __launch_bounds__(kThreads)
       const T go = static_cast<T>(go_p[c * g.os[1]]);
       if constexpr (kImage) {
         const int64_t base = b * g.is[0] + c * g.is[1];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          if (s.w[k] == T(0)) continue;
+        stencil_scatter(s, [&](int64_t off, T wt) {
           if constexpr (kFixed) {
-            auto* dst = static_cast<unsigned long long*>(gimg) + base + s.off[k];
-            atomicAdd(dst, static_cast<unsigned long long>(to_fixed(s.w[k] * go * scale)));
+            auto* dst = static_cast<unsigned long long*>(gimg) + base + off;
+            atomicAdd(dst, static_cast<unsigned long long>(to_fixed(wt * go * scale)));
           } else {
-            atomicAdd(static_cast<T*>(gimg) + base + s.off[k], s.w[k] * go);
+            atomicAdd(static_cast<T*>(gimg) + base + off, wt * go);
           }
-        }
+        });
       }
       if constexpr (kPos) stencil_pos_grad(s, ib + c * g.is[1], go, gp);
     }
