@@ -32,7 +32,8 @@ template <typename T> struct Axis {
 };
 
 // Trilinear axis of coordinate x on an axis of `size` voxels.
-// Border: clamp to [0, size-1], zero gradient at and beyond the edge (as F.grid_sample);
+// Border: clamp to [0, size-1], zero gradient at and beyond the edge (F.grid_sample passes the
+// gradient at exactly the edge; the two agree everywhere else);
 // NaN goes to 0. Zeros: a coordinate far outside (or non-finite) reads nothing.
 template <typename T> GVSL_HD_INLINE Axis<T> linear_axis(T x, int size, int padding) {
   // Branch-free (selects only), so that CPU row loops vectorize.
