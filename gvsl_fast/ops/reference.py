@@ -57,8 +57,8 @@ def sample(image: torch.Tensor, pos: torch.Tensor, mode: str = "bilinear",
 
     ``zeros``: corners outside the volume read 0; ``border``: positions are clamped into the
     volume, with zero gradient at and beyond the edge (``F.grid_sample`` passes it at exactly the
-    edge, and agrees everywhere else). Non-finite
-    positions read as far outside (border: NaN goes to 0, +-inf to the edges).
+    edge, and agrees everywhere else). Non-finite positions read as far outside (border: NaN
+    goes to 0, +-inf to the edges).
     """
     B, C, D, H, W = image.shape
     size = (D, H, W)
