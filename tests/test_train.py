@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from common import rel_err
@@ -167,3 +168,28 @@ def test_ddp_two_cpu_processes_keep_identical_replicas(tmp_path):
     for k, v in w0["model"].items():
         assert torch.equal(v, w1["model"][k]), k
     assert sorted(p.name for p in (tmp_path / "run").glob("ckpt_*.pt")) == ["ckpt_00000003.pt"]
+
+
+def test_pretrain_on_a_nifti_folder(tmp_path):
+    """`--data DIR` of .nii/.nii.gz: preprocessed into the cache, then trained on."""
+    import nibabel as nib
+    from nifti_inputs import anatomical
+
+    src = anatomical()
+    data = tmp_path / "images"
+    data.mkdir()
+    img = nib.load(src)
+    nib.save(img, data / "subject1.nii")
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine),
+             data / "subject2.nii.gz")
+    out = tmp_path / "run"
+    code = main(["pretrain", "--data", str(data), "--out", str(out), "--cache",
+                 str(tmp_path / "cache"), "--steps", "2", "--patch", "16", "--spacing", "2",
+                 "--batch-size", "1", "--no-progress", "--loader", "torch"])
+    assert code == 0
+    assert len(_history(out)) == 2
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["pretrain", "--data", str(empty), "--out", str(tmp_path / "r2"), "--steps", "1",
+                 "--cache", str(tmp_path / "cache")]) == 2
