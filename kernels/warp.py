@@ -12,6 +12,10 @@ Backward: the position gradient is a gather (flow and grid written per voxel; th
 moments per program, summed in a fixed order afterwards); the image gradient is a scatter with
 float atomics, or with ``deterministic=True`` int64 fixed-point atomics (integer addition is
 associative, so the result is bit-identical run to run).
+
+The affine source's host side lives here too, shared with kernels/compose.py: ``affine_maps``
+(theta to the (B, 12) maps, via the reference's ``affine_index_map``) and ``theta_grad`` (the
+chain rule from the summed moments back to theta).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from gvsl_fast.ops.reference import affine_index_map, affine_map_coefficients
 
 FLOW, GRID, AFFINE = 0, 1, 2
 N_MOMENTS = 12
@@ -58,15 +64,43 @@ def _axis(x, size, BORDER: tl.constexpr, NEAREST: tl.constexpr):
 
 
 @triton.jit
+def _affine_position(m, d, h, w):
+    """Input index (d, h, w) of output index (d, h, w) under the (12,) map at `m`: rows
+    [m_i0, m_i1, m_i2, t_i] for input axes i = d, h, w (csrc/sampling.h apply_affine)."""
+    fd, fh, fw = d.to(tl.float32), h.to(tl.float32), w.to(tl.float32)
+    xd = tl.load(m + 0) * fd + tl.load(m + 1) * fh + tl.load(m + 2) * fw + tl.load(m + 3)
+    xh = tl.load(m + 4) * fd + tl.load(m + 5) * fh + tl.load(m + 6) * fw + tl.load(m + 7)
+    xw = tl.load(m + 8) * fd + tl.load(m + 9) * fh + tl.load(m + 10) * fw + tl.load(m + 11)
+    return xd, xh, xw
+
+
+@triton.jit
+def _theta_moments(mo, gd, gh, gw, d, h, w, OD, OH, OW):
+    """Stores the 12 moments of one program at `mo` (csrc/warp.h theta_moments): for input axis
+    i, sum g_i * (p_j - centre_j) for output axes j, then sum g_i; g is zero on masked lanes."""
+    pd = d.to(tl.float32) - 0.5 * (OD - 1.0)
+    ph = h.to(tl.float32) - 0.5 * (OH - 1.0)
+    pw = w.to(tl.float32) - 0.5 * (OW - 1.0)
+    tl.store(mo + 0, tl.sum(gd * pd, axis=0))
+    tl.store(mo + 1, tl.sum(gd * ph, axis=0))
+    tl.store(mo + 2, tl.sum(gd * pw, axis=0))
+    tl.store(mo + 3, tl.sum(gd, axis=0))
+    tl.store(mo + 4, tl.sum(gh * pd, axis=0))
+    tl.store(mo + 5, tl.sum(gh * ph, axis=0))
+    tl.store(mo + 6, tl.sum(gh * pw, axis=0))
+    tl.store(mo + 7, tl.sum(gh, axis=0))
+    tl.store(mo + 8, tl.sum(gw * pd, axis=0))
+    tl.store(mo + 9, tl.sum(gw * ph, axis=0))
+    tl.store(mo + 10, tl.sum(gw * pw, axis=0))
+    tl.store(mo + 11, tl.sum(gw, axis=0))
+
+
+@triton.jit
 def _positions(pos_ptr, b, d, h, w, mask, ps_b, ps_c, ps_d, ps_h, ps_w, D, H, W,
                SOURCE: tl.constexpr, ALIGN: tl.constexpr):
     """Index positions (d, h, w) sampled by output voxels (d, h, w) of batch element b."""
     if SOURCE == 2:
-        m = pos_ptr + b * 12
-        fd, fh, fw = d.to(tl.float32), h.to(tl.float32), w.to(tl.float32)
-        xd = tl.load(m + 0) * fd + tl.load(m + 1) * fh + tl.load(m + 2) * fw + tl.load(m + 3)
-        xh = tl.load(m + 4) * fd + tl.load(m + 5) * fh + tl.load(m + 6) * fw + tl.load(m + 7)
-        xw = tl.load(m + 8) * fd + tl.load(m + 9) * fh + tl.load(m + 10) * fw + tl.load(m + 11)
+        xd, xh, xw = _affine_position(pos_ptr + b * 12, d, h, w)
     else:
         p = pos_ptr + b * ps_b + d * ps_d + h * ps_h + w * ps_w
         a0 = tl.load(p, mask=mask, other=0.0).to(tl.float32)
@@ -149,7 +183,7 @@ def _forward_kernel(img, pos, out, C, D, H, W, OD, OH, OW,
 @triton.jit
 def _backward_kernel(img, pos, gout, gimg, gpos, scale_ptr, C, D, H, W, OD, OH, OW,
                      is_b, is_c, is_d, is_h, is_w, os_b, os_c, os_d, os_h, os_w,
-                     ps_b, ps_c, ps_d, ps_h, ps_w, hd, hh, hw,
+                     ps_b, ps_c, ps_d, ps_h, ps_w,
                      SOURCE: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
                      NEAREST: tl.constexpr, IMAGE_GRAD: tl.constexpr, POS_GRAD: tl.constexpr,
                      FIXED_POINT: tl.constexpr, BLOCK: tl.constexpr):
@@ -184,23 +218,9 @@ def _backward_kernel(img, pos, gout, gimg, gpos, scale_ptr, C, D, H, W, OD, OH, 
             gw += go * tl.sum(ww * v, axis=1)
     if POS_GRAD:
         if SOURCE == 2:
-            # 12 moments of this program (csrc/warp.h theta_moments), summed later in order
-            pd = d.to(tl.float32) - hd
-            ph = h.to(tl.float32) - hh
-            pw = w.to(tl.float32) - hw
-            mo = gpos + (b * tl.num_programs(0) + pid) * 12
-            tl.store(mo + 0, tl.sum(gd * pd, axis=0))
-            tl.store(mo + 1, tl.sum(gd * ph, axis=0))
-            tl.store(mo + 2, tl.sum(gd * pw, axis=0))
-            tl.store(mo + 3, tl.sum(gd, axis=0))
-            tl.store(mo + 4, tl.sum(gh * pd, axis=0))
-            tl.store(mo + 5, tl.sum(gh * ph, axis=0))
-            tl.store(mo + 6, tl.sum(gh * pw, axis=0))
-            tl.store(mo + 7, tl.sum(gh, axis=0))
-            tl.store(mo + 8, tl.sum(gw * pd, axis=0))
-            tl.store(mo + 9, tl.sum(gw * ph, axis=0))
-            tl.store(mo + 10, tl.sum(gw * pw, axis=0))
-            tl.store(mo + 11, tl.sum(gw, axis=0))
+            # this program's moments, summed later over programs in a fixed order
+            _theta_moments(gpos + (b * tl.num_programs(0) + pid) * 12, gd, gh, gw, d, h, w,
+                           OD, OH, OW)
         else:
             p = gpos + b * ps_b + d * ps_d + h * ps_h + w * ps_w
             ty = gpos.dtype.element_ty
@@ -216,6 +236,26 @@ def _backward_kernel(img, pos, gout, gimg, gpos, scale_ptr, C, D, H, W, OD, OH, 
                 tl.store(p, (gw * sw).to(ty), mask=mask)
                 tl.store(p + ps_c, (gh * sh).to(ty), mask=mask)
                 tl.store(p + 2 * ps_c, (gd * sd).to(ty), mask=mask)
+
+
+def affine_maps(theta: torch.Tensor, out_size, in_size, align_corners: bool) -> torch.Tensor:
+    """(B, 12) fp32 index maps of theta for SOURCE=AFFINE: rows [m_i0, m_i1, m_i2, t_i] for
+    input axes i = d, h, w, from the reference's ``affine_index_map`` (computed in float32, or
+    float64 for float64 theta, then rounded), so the identity theta maps every voxel exactly
+    onto itself and positions round as the reference's."""
+    th = theta if theta.dtype == torch.float64 else theta.float()
+    m, t = affine_index_map(th, out_size, in_size, align_corners)
+    return torch.cat([m, t[:, :, None]], 2).reshape(-1, 12).float().contiguous()
+
+
+def theta_grad(moments: torch.Tensor, out_size, in_size, align_corners: bool) -> torch.Tensor:
+    """d loss / d theta (B, 3, 4), x/y/z order, from the summed moments (B, 12) of
+    _theta_moments (csrc/warp.h theta_grad_from_moments): with centred moments the chain rule
+    through the map is d theta_ij = c_i a_j M_ij = ca_ij M_ij and d theta_i3 = c_i M_i3."""
+    ca, _, c, _ = affine_map_coefficients(out_size, in_size, align_corners, moments.device)
+    mo = moments.to(torch.float64).reshape(-1, 3, 4)
+    lin = (ca * mo[:, :, :3]).flip(2)  # columns back to (x, y, z)
+    return torch.cat([lin, (c[:, None] * mo[:, :, 3:])], 2).flip(1)
 
 
 def _pos_strides(pos: torch.Tensor, source: int) -> tuple[int, ...]:
@@ -271,7 +311,6 @@ def backward(grad_out: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, sou
     _backward_kernel[(n_prog, B)](
         image, pos, grad_out, gimg, gpos, scale, C, D, H, W, OD, OH, OW,
         *image.stride(), *grad_out.stride(), *_pos_strides(pos, source),
-        0.5 * (OD - 1), 0.5 * (OH - 1), 0.5 * (OW - 1),
         SOURCE=source, ALIGN=align_corners, BORDER=padding == 1, NEAREST=mode == 1,
         IMAGE_GRAD=image_grad, POS_GRAD=pos_grad, FIXED_POINT=image_grad and deterministic,
         BLOCK=BLOCK,

@@ -118,34 +118,58 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     return sample(img, pos, mode, padding_mode).to(input.dtype)
 
 
-def affine_positions(theta: torch.Tensor, out_size, in_size, align_corners: bool) -> torch.Tensor:
-    """Input index positions ``(B, 3, *out_size)`` (d, h, w) of each output voxel under ``theta``.
+def affine_map_coefficients(out_size, in_size, align_corners: bool, device=None):
+    """Coefficients of the index-space map of theta (csrc/sampling.h ``affine_index_map``),
+    float64, in (d, h, w) order: ``(ca (3, 3), cb (3, 3), c (3,), offset (3,))`` with
 
-    The same map as ``F.affine_grid`` followed by ``grid_sample``'s unnormalization, folded into
-    one index-space affine map. With equal sizes, the identity theta maps every voxel exactly onto
-    itself (no rounding), which the composition identity tests rely on.
+        m = A * ca,    t = tr * c + offset + sum_j A[:, j] * cb[:, j],
+
+    A and tr theta's linear part and translation reordered to (d, h, w). ``c_i`` is d index /
+    d normalized coordinate on input axis ``i`` (grid_sample's unnormalize), ``ca[i, j] = c_i
+    a_j`` and ``cb[i, j] = -ca[i, j] * (so_j - 1) / 2`` with ``a_j`` the slope of affine_grid's base
+    grid on output axis ``j`` (0 on an axis of one voxel), ``offset_i = (si_i - 1) / 2``. Each
+    ratio is one division, so the identity theta with equal sizes gives m = I and t = 0 exactly.
     """
-    B = theta.shape[0]
-    # theta rows/columns in (x, y, z) = (w, h, d): reverse both to (d, h, w)
-    th = theta[:, :, :3].flip(1).flip(2)
-    tr = theta[:, :, 3].flip(1)
-    m = torch.empty(B, 3, 3, dtype=theta.dtype, device=theta.device)
-    t = torch.empty(B, 3, dtype=theta.dtype, device=theta.device)
-    for i in range(3):
-        si = in_size[i]
-        c = (si - 1) / 2 if align_corners else si / 2     # d index / d normalized (input)
-        acc = tr[:, i] * c + (si - 1) / 2
-        for j in range(3):
-            so = out_size[j]
+    ca = [[0.0] * 3 for _ in range(3)]
+    cb = [[0.0] * 3 for _ in range(3)]
+    for i, si in enumerate(in_size):
+        for j, so in enumerate(out_size):
             if so <= 1:                                   # affine_grid's base grid is 0 there
-                ca = cb = 0.0
-            elif align_corners:
-                ca, cb = (si - 1) / (so - 1), -(si - 1) / 2
+                continue
+            if align_corners:
+                ca[i][j], cb[i][j] = (si - 1) / (so - 1), -(si - 1) / 2
             else:
-                ca, cb = si / so, si * (1 - so) / (2 * so)
-            m[:, i, j] = th[:, i, j] * ca
-            acc = acc + th[:, i, j] * cb
-        t[:, i] = acc
+                ca[i][j], cb[i][j] = si / so, si * (1 - so) / (2 * so)
+    c = [(s - 1) / 2 if align_corners else s / 2 for s in in_size]
+    offset = [(s - 1) / 2 for s in in_size]
+    return tuple(torch.tensor(x, dtype=torch.float64, device=device) for x in (ca, cb, c, offset))
+
+
+def affine_index_map(theta: torch.Tensor, out_size, in_size, align_corners: bool):
+    """theta (B, 3, 4) folded into the index-space map ``input index = m @ (d, h, w) + t``:
+    ``(m (B, 3, 3), t (B, 3))`` in (d, h, w) order and theta's dtype.
+
+    The same map as ``F.affine_grid`` followed by ``grid_sample``'s unnormalization. Arithmetic
+    runs in theta's dtype with the coefficients rounded to it first and the translation
+    accumulated in a fixed order, so the identity theta with equal sizes maps every voxel exactly
+    onto itself (the Triton kernels use this map too, rounded the same way).
+    """
+    ca, cb, c, offset = (x.to(theta.dtype) for x in
+                         affine_map_coefficients(out_size, in_size, align_corners, theta.device))
+    # theta rows/columns in (x, y, z) = (w, h, d): reverse both to (d, h, w)
+    A = theta[:, :, :3].flip(1).flip(2)
+    t = theta[:, :, 3].flip(1) * c + offset
+    for j in range(3):
+        t = t + A[:, :, j] * cb[:, j]
+    return A * ca, t
+
+
+def affine_positions(theta: torch.Tensor, out_size, in_size, align_corners: bool) -> torch.Tensor:
+    """Input index positions ``(B, 3, *out_size)`` (d, h, w) of each output voxel under ``theta``
+    (``affine_index_map`` applied to every output index; exact for the identity theta with equal
+    sizes, which the composition identity tests rely on)."""
+    B = theta.shape[0]
+    m, t = affine_index_map(theta, out_size, in_size, align_corners)
     grid = identity_grid(out_size, theta)
     return torch.einsum("bij,bj...->bi...", m, grid.expand(B, -1, *out_size)) + t.view(
         B, 3, 1, 1, 1
