@@ -12,4 +12,4 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q "${GVSL_FAST_TORCH:-torch==2.14.1}" -r requirements-dev.txt
 .venv/bin/pip install -q --no-build-isolation --no-deps -e .
-.venv/bin/python -c "import gvsl_fast._C, torch; print('gvsl_fast._C built; CUDA kernels:', torch.ops.gvsl_fast.cuda_built())"
+.venv/bin/python -c "import torch, gvsl_fast._C; print('gvsl_fast._C built; CUDA kernels:', torch.ops.gvsl_fast.cuda_built())"
