@@ -7,6 +7,39 @@
 
 namespace gvsl {
 
+// Sizes and element strides of one sampler launch (image and output), for both backends.
+struct Geometry {
+  int B = 0, C = 0;
+  int in_size[3] = {0, 0, 0};       // image (D, H, W)
+  int out_size[3] = {0, 0, 0};      // output (D, H, W)
+  int64_t is[5] = {0, 0, 0, 0, 0};  // image strides (also those of the image-gradient buffer)
+  int64_t os[5] = {0, 0, 0, 0, 0};  // output (or grad_out) strides
+
+  GVSL_HD int64_t voxels() const { return int64_t(out_size[0]) * out_size[1] * out_size[2]; }
+  int64_t rows() const { return int64_t(B) * out_size[0] * out_size[1]; }
+  void split(int64_t r, int& b, int& d, int& h) const {
+    h = int(r % out_size[1]);
+    d = int((r / out_size[1]) % out_size[0]);
+    b = int(r / (int64_t(out_size[1]) * out_size[0]));
+  }
+};
+
+// `out` is any tensor of the output's shape (B, C, D', H', W').
+inline Geometry geometry(const at::Tensor& image, const at::Tensor& out) {
+  Geometry g;
+  g.B = int(image.size(0));
+  g.C = int(image.size(1));
+  for (int i = 0; i < 3; ++i) {
+    g.in_size[i] = int(image.size(2 + i));
+    g.out_size[i] = int(out.size(2 + i));
+  }
+  for (int i = 0; i < 5; ++i) {
+    g.is[i] = image.stride(i);
+    g.os[i] = out.stride(i);
+  }
+  return g;
+}
+
 // Output (B, C, D', H', W'): channels_last_3d only for an image strictly in that layout
 // (the same rule as gvsl_fast/ops/_sampler.py's fake kernels).
 inline at::Tensor new_output(const at::Tensor& image, at::IntArrayRef spatial) {

@@ -9,7 +9,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include "warp.h"
+#include "sampler_host.h"
 
 namespace gvsl::cuda {
 
@@ -22,28 +22,7 @@ constexpr int kThreads = 256;
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-struct Geometry {
-  int C;
-  int in_size[3];
-  int out_size[3];
-  int64_t is[5];  // image strides (also those of the image-gradient buffer)
-  int64_t os[5];  // output / grad_out strides
-  GVSL_HD int64_t voxels() const { return int64_t(out_size[0]) * out_size[1] * out_size[2]; }
-};
 
-inline Geometry geometry(const at::Tensor& image, const at::Tensor& out) {
-  Geometry g;
-  g.C = int(image.size(1));
-  for (int i = 0; i < 3; ++i) {
-    g.in_size[i] = int(image.size(2 + i));
-    g.out_size[i] = int(out.size(2 + i));
-  }
-  for (int i = 0; i < 5; ++i) {
-    g.is[i] = image.stride(i);
-    g.os[i] = out.stride(i);
-  }
-  return g;
-}
 
 inline dim3 blocks(const Geometry& g, int64_t batch) {
   return dim3(unsigned((g.voxels() + kThreads - 1) / kThreads), unsigned(batch));
