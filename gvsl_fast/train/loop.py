@@ -83,16 +83,14 @@ class Trainer:
     """Owns the model, optimizer, scaler, loader and transforms of one run."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.dist = distributed.setup("cuda" if cfg.device.startswith("cuda") or (
-            cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-        self.device = choose_device(cfg.device, self.dist.local_rank)
+        self.device = choose_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.dist = distributed.setup(self.device.type)
         self.cfg = cfg = cfg.resolved(self.device.type)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg, self.device)
-        self.ddp = (DistributedDataParallel(self.model) if self.dist.enabled else None)
-        self.forward = self.ddp if self.ddp is not None else self.model
         if cfg.compile:
             self.model.backbone = torch.compile(self.model.backbone)
+        self.forward = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         self.optimizer = make_optimizer(self.model.parameters(), cfg, self.device)
         self.amp_dtype = amp_dtype(self.device) if cfg.amp else None
         self.scaler = torch.amp.GradScaler(
