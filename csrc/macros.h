@@ -18,8 +18,6 @@ template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 template <typename T> using acc_t = typename Acc<T>::type;
 
-GVSL_HD float gfloor(float x) { return floorf(x); }
-GVSL_HD double gfloor(double x) { return floor(x); }
 GVSL_HD float gnearbyint(float x) { return nearbyintf(x); }
 GVSL_HD double gnearbyint(double x) { return nearbyint(x); }
 

@@ -47,9 +47,10 @@ template <typename T> GVSL_HD_INLINE Axis<T> linear_axis(T x, int size, int padd
     a.dcoord = T(1);
     x = ((x > T(-2)) & (x < T(size + 1))) ? x : T(-2);  // far: both corners outside, all zero
   }
-  const T fl = gfloor(x);
-  a.i0 = static_cast<int>(fl);
-  a.f = x - fl;
+  // floor by truncation (x is finite and > -3 here): unlike floorf, this vectorizes
+  const int t = static_cast<int>(x);
+  a.i0 = t - (x < static_cast<T>(t));
+  a.f = x - static_cast<T>(a.i0);
   a.v0 = (a.i0 >= 0) & (a.i0 < size);
   a.v1 = (a.i0 + 1 >= 0) & (a.i0 + 1 < size);
   return a;
@@ -73,16 +74,16 @@ template <typename T> GVSL_HD_INLINE int nearest_index(T x, int size, int paddin
 // (i0 + i, j0 + j, k0 + k). Corners outside the volume get weight 0 and offset 0 (a valid
 // address), so channel loops need no branches. Built with kGrad, dw[a][c] = d w[c] / d position_a
 // (already times the axis's border clamp factor dcoord); without it, dw is left unset.
-template <typename T> struct Stencil {
-  int64_t off[8];
+template <typename T, typename I = int64_t> struct Stencil {
+  I off[8];  // I: int32_t on the CPU where every offset fits (vectorizes), else int64_t
   T w[8];
   T dw[3][8];
 };
 
 // Trilinear stencil of the three axes of a position, in element strides (sd, sh, sw).
-template <typename T, bool kGrad>
-GVSL_HD_INLINE void make_stencil(const Axis<T>& ad, const Axis<T>& ah, const Axis<T>& aw,
-                                 int64_t sd, int64_t sh, int64_t sw, Stencil<T>& s) {
+template <typename T, bool kGrad, typename I>
+GVSL_HD_INLINE void make_stencil(const Axis<T>& ad, const Axis<T>& ah, const Axis<T>& aw, I sd,
+                                 I sh, I sw, Stencil<T, I>& s) {
   const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
   const T gd[2] = {-ad.dcoord, ad.dcoord}, gh[2] = {-ah.dcoord, ah.dcoord},
           gw[2] = {-aw.dcoord, aw.dcoord};
@@ -109,9 +110,9 @@ GVSL_HD_INLINE void make_stencil(const Axis<T>& ad, const Axis<T>& ah, const Axi
 
 // Stencil of index position x = (d, h, w) on a volume of `size` voxels, trilinear or nearest
 // (`mode`). Nearest puts its one corner in slot 0 and has zero derivatives.
-template <typename T, bool kGrad>
-GVSL_HD_INLINE void make_stencil(const T* x, const int* size, int64_t sd, int64_t sh,
-                                 int64_t sw, int mode, int padding, Stencil<T>& s) {
+template <typename T, bool kGrad, typename I>
+GVSL_HD_INLINE void make_stencil(const T* x, const int* size, I sd, I sh, I sw, int mode,
+                                 int padding, Stencil<T, I>& s) {
   if (mode == kNearest) {
     const int id = nearest_index(x[0], size[0], padding);
     const int ih = nearest_index(x[1], size[1], padding);
@@ -127,12 +128,13 @@ GVSL_HD_INLINE void make_stencil(const T* x, const int* size, int64_t sd, int64_
     s.w[0] = ok ? T(1) : T(0);
     return;
   }
-  make_stencil<T, kGrad>(linear_axis(x[0], size[0], padding), linear_axis(x[1], size[1], padding),
+  make_stencil<T, kGrad, I>(linear_axis(x[0], size[0], padding), linear_axis(x[1], size[1], padding),
                          linear_axis(x[2], size[2], padding), sd, sh, sw, s);
 }
 
 // Interpolated value of one channel (`img` points at its (0, 0, 0) voxel).
-template <typename T, typename S> GVSL_HD T stencil_value(const Stencil<T>& s, const S* img) {
+template <typename T, typename I, typename S>
+GVSL_HD T stencil_value(const Stencil<T, I>& s, const S* img) {
   T out = T(0);
   GVSL_UNROLL
   for (int k = 0; k < 8; ++k) out += s.w[k] * static_cast<T>(img[s.off[k]]);
@@ -140,8 +142,8 @@ template <typename T, typename S> GVSL_HD T stencil_value(const Stencil<T>& s, c
 }
 
 // Adds g * d value / d position of one channel to gpos (3 values, d/h/w); needs kGrad.
-template <typename T, typename S>
-GVSL_HD void stencil_pos_grad(const Stencil<T>& s, const S* img, T g, T* gpos) {
+template <typename T, typename I, typename S>
+GVSL_HD void stencil_pos_grad(const Stencil<T, I>& s, const S* img, T g, T* gpos) {
   T a = T(0), b = T(0), c = T(0);
   GVSL_UNROLL
   for (int k = 0; k < 8; ++k) {
@@ -157,7 +159,8 @@ GVSL_HD void stencil_pos_grad(const Stencil<T>& s, const S* img, T g, T* gpos) {
 
 // The adjoint of stencil_value: calls f(offset, weight) for each corner of nonzero weight
 // (skipping the zero-weight slots keeps GPU atomics off offset 0).
-template <typename T, typename F> GVSL_HD void stencil_scatter(const Stencil<T>& s, F&& f) {
+template <typename T, typename I, typename F>
+GVSL_HD void stencil_scatter(const Stencil<T, I>& s, F&& f) {
   GVSL_UNROLL
   for (int k = 0; k < 8; ++k)
     if (s.w[k] != T(0)) f(s.off[k], s.w[k]);

@@ -1,99 +1,266 @@
-// compose and affine_flow_warp on the CPU: op schemas and the CPU kernels. The per-voxel math is
-// csrc/compose.h, shared with csrc/cuda/compose.cu.
+// compose and affine_flow_warp on the CPU: op schemas and the CPU kernels, built from the
+// sampler's vectorized row stencils (cpu/sampler.h) and the shared per-voxel math (sampling.h,
+// warp.h): p_hat = theta(p), the flow's stencil at p_hat, q = p_hat + flow(p_hat), and for
+// affine_flow_warp the image's stencil at q.
 //
-// Parallel over (batch, depth) slabs. Scatters (d flow, d image) go to per-thread partial
-// volumes summed afterwards in thread order; d theta is accumulated in double per slab and the
-// slabs summed in a fixed order, so results do not depend on scheduling.
+// Parallel over rows (b, d, h). Scatters (d flow, d image) go to one private buffer per range of
+// rows, summed afterwards in range order; d theta is reduced from per-row moments in a fixed
+// order. Results depend only on the thread count, never on scheduling.
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <torch/library.h>
 #include <torch/torch.h>
 
-#include "compose.h"
 #include "compose_host.h"
+#include "cpu/sampler.h"
 
 namespace gvsl {
 namespace {
 
-// Slab functions are flattened: GCC otherwise leaves the per-voxel helpers out of line and the
-// stencils travel through memory.
-#define GVSL_FLATTEN __attribute__((flatten))
+using cpu::kBlock;
+using cpu::RowStencils;
 
-template <bool kWarp, typename S>
-GVSL_FLATTEN void forward_slab(const ComposeArgs<S>& a, S* out, const Strides5& os, int b, int d) {
-  using T = acc_t<S>;
-  const AffineIndexMap<T> A = compose_map<T>(a, b);
-  for (int h = 0; h < a.size[1]; ++h)
-    for (int w = 0; w < a.size[2]; ++w) {
-      S* o = out + b * os.b + d * os.d + h * os.h + w * os.w;
-      compose_forward_voxel<kWarp>(a, A, b, d, h, w,
-                                   [&](int c, T v) { o[c * os.c] = static_cast<S>(v); });
+// Positions of one block of a row: p_hat (the affine image of p), the flow's stencils there and
+// q = p_hat + flow(p_hat).
+template <typename T, typename I, bool kGrad> struct ComposeBlock {
+  T p_hat[3][kBlock];
+  T q[3][kBlock];
+  RowStencils<T, I, kGrad> flow;
+
+  template <typename S>
+  void build(const ComposeArgs<S>& a, const AffineIndexMap<T>& A, const I* fst, int b, int d,
+             int h, int w0, int n) {
+#pragma GCC ivdep
+    for (int v = 0; v < n; ++v) {
+      T x[3];
+      apply_affine(A, d, h, w0 + v, x);
+      p_hat[0][v] = x[0];
+      p_hat[1][v] = x[1];
+      p_hat[2][v] = x[2];
     }
+    flow.build_at(p_hat, a.size, fst, n, kBilinear, a.padding);
+    const S* fl = a.flow + b * a.fs.b;
+    for (int k = 0; k < 3; ++k) {
+      const S* fk = fl + k * a.fs.c;
+#pragma omp simd
+      for (int v = 0; v < n; ++v) {
+        T acc = T(0);
+        GVSL_UNROLL
+        for (int c = 0; c < 8; ++c) acc += flow.w[c][v] * static_cast<T>(fk[flow.off[c][v]]);
+        q[k][v] = p_hat[k][v] + acc;
+      }
+    }
+  }
+};
+
+template <typename I> struct ComposeStrides {
+  I flow[3], image[3];
+  template <typename S> explicit ComposeStrides(const ComposeArgs<S>& a)
+      : flow{I(a.fs.d), I(a.fs.h), I(a.fs.w)}, image{I(a.is.d), I(a.is.h), I(a.is.w)} {}
+};
+
+// Calls f(I{}) with the offset type of the flow and image stencils (int32_t where both fit).
+template <typename S, typename F> void with_compose_offsets(const ComposeArgs<S>& a, F&& f) {
+  int64_t last = 0;
+  const Strides5* st[2] = {&a.fs, &a.is};
+  for (const Strides5* s : st)
+    last = std::max(last, int64_t(a.size[0] - 1) * s->d + int64_t(a.size[1] - 1) * s->h +
+                              int64_t(a.size[2] - 1) * s->w);
+  if (last <= INT32_MAX) f(int32_t{});
+  else f(int64_t{});
+}
+
+template <bool kWarp, typename I, typename S>
+void forward_rows(const ComposeArgs<S>& a, S* out, const Strides5& os) {
+  using T = acc_t<S>;
+  const ComposeStrides<I> cs(a);
+  const int D = a.size[0], H = a.size[1], W = a.size[2];
+  at::parallel_for(0, int64_t(a.batch) * D * H, 1, [&](int64_t r0, int64_t r1) {
+    ComposeBlock<T, I, false> blk;
+    RowStencils<T, I, false> img;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int h = int(r % H), d = int((r / H) % D), b = int(r / (int64_t(H) * D));
+      const AffineIndexMap<T> A = compose_map<T>(a, b);
+      S* ob = out + b * os.b + d * os.d + h * os.h;
+      for (int w0 = 0; w0 < W; w0 += kBlock) {
+        const int n = std::min(kBlock, W - w0);
+        blk.build(a, A, cs.flow, b, d, h, w0, n);
+        if constexpr (kWarp) {
+          img.build_at(blk.q, a.size, cs.image, n, kBilinear, a.padding);
+          const S* ib = a.image + b * a.is.b;
+          for (int c = 0; c < a.channels; ++c) {
+            const S* ic = ib + c * a.is.c;
+            S* oc = ob + c * os.c + w0 * os.w;
+#pragma omp simd
+            for (int v = 0; v < n; ++v) {
+              T acc = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k) acc += img.w[k][v] * static_cast<T>(ic[img.off[k][v]]);
+              oc[v * os.w] = static_cast<S>(acc);
+            }
+          }
+        } else {
+          const T p[3] = {T(d), T(h), T(0)};
+          for (int k = 0; k < 3; ++k) {
+            S* oc = ob + k * os.c + w0 * os.w;
+#pragma omp simd
+            for (int v = 0; v < n; ++v)
+              oc[v * os.w] = static_cast<S>(blk.q[k][v] - (k == 2 ? T(w0 + v) : p[k]));
+          }
+        }
+      }
+    }
+  });
+}
+
+// Rows [r0, r1) of the backward pass. Scatters go to df (flow's strides) and di (image's), theta's
+// moments (12 per row) to `moments`.
+template <bool kWarp, typename I, typename S>
+void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, ComposeNeeds need,
+                   acc_t<S>* df, acc_t<S>* di, acc_t<S>* moments, int64_t r0, int64_t r1) {
+  using T = acc_t<S>;
+  const ComposeStrides<I> cs(a);
+  const int D = a.size[0], H = a.size[1], W = a.size[2];
+  ComposeBlock<T, I, true> blk;
+  RowStencils<T, I, true> img;
+  T g[3][kBlock];  // dL/dq
+  for (int64_t r = r0; r < r1; ++r) {
+    const int h = int(r % H), d = int((r / H) % D), b = int(r / (int64_t(H) * D));
+    const AffineIndexMap<T> A = compose_map<T>(a, b);
+    const S* gb = grad + b * gs.b + d * gs.d + h * gs.h;
+    const S* fl = a.flow + b * a.fs.b;
+    T m[kMoments] = {};
+    for (int w0 = 0; w0 < W; w0 += kBlock) {
+      const int n = std::min(kBlock, W - w0);
+      blk.build(a, A, cs.flow, b, d, h, w0, n);
+      if constexpr (kWarp) {
+        img.build_at(blk.q, a.size, cs.image, n, kBilinear, a.padding);
+        const S* ib = a.image + b * a.is.b;
+        for (int v = 0; v < n; ++v) g[0][v] = g[1][v] = g[2][v] = T(0);
+        for (int c = 0; c < a.channels; ++c) {
+          const S* ic = ib + c * a.is.c;
+          const S* gc = gb + c * gs.c + w0 * gs.w;
+          if (need.theta || need.flow) {
+#pragma omp simd
+            for (int v = 0; v < n; ++v) {
+              T x = T(0), y = T(0), z = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k) {
+                const T val = static_cast<T>(ic[img.off[k][v]]);
+                x += img.dw[0][k][v] * val;
+                y += img.dw[1][k][v] * val;
+                z += img.dw[2][k][v] * val;
+              }
+              const T go = static_cast<T>(gc[v * gs.w]);
+              g[0][v] += go * x;
+              g[1][v] += go * y;
+              g[2][v] += go * z;
+            }
+          }
+          if (di) {  // scatter: scalar, corner-major (see d flow below)
+            T* dc = di + b * a.is.b + c * a.is.c;
+            for (int k = 0; k < 8; ++k)
+              for (int v = 0; v < n; ++v)
+                dc[img.off[k][v]] += img.w[k][v] * static_cast<T>(gc[v * gs.w]);
+          }
+        }
+      } else {
+        for (int k = 0; k < 3; ++k) {
+          const S* gc = gb + k * gs.c + w0 * gs.w;
+          for (int v = 0; v < n; ++v) g[k][v] = static_cast<T>(gc[v * gs.w]);
+        }
+      }
+      if (df) {  // d flow: g scattered to the flow's corners around p_hat
+        // Corner-major: consecutive updates go to different addresses, so they pipeline instead
+        // of waiting on each other's stores (neighbouring voxels share corners).
+        for (int k = 0; k < 3; ++k) {
+          T* fk = df + b * a.fs.b + k * a.fs.c;
+          for (int c = 0; c < 8; ++c)
+            for (int v = 0; v < n; ++v) fk[blk.flow.off[c][v]] += blk.flow.w[c][v] * g[k][v];
+        }
+      }
+      if (need.theta) {  // dL/dp_hat = g + J^T g, J the flow's Jacobian at p_hat
+        T gp[3][kBlock];
+        for (int i = 0; i < 3; ++i)
+          for (int v = 0; v < n; ++v) gp[i][v] = g[i][v];
+        for (int k = 0; k < 3; ++k) {
+          const S* fk = fl + k * a.fs.c;
+#pragma omp simd
+          for (int v = 0; v < n; ++v) {
+            T x = T(0), y = T(0), z = T(0);
+            GVSL_UNROLL
+            for (int c = 0; c < 8; ++c) {
+              const T val = static_cast<T>(fk[blk.flow.off[c][v]]);
+              x += blk.flow.dw[0][c][v] * val;
+              y += blk.flow.dw[1][c][v] * val;
+              z += blk.flow.dw[2][c][v] * val;
+            }
+            gp[0][v] += g[k][v] * x;
+            gp[1][v] += g[k][v] * y;
+            gp[2][v] += g[k][v] * z;
+          }
+        }
+        for (int v = 0; v < n; ++v) {
+          const T gv[3] = {gp[0][v], gp[1][v], gp[2][v]};
+          theta_moments(gv, d, h, w0 + v, a.size, m);
+        }
+      }
+    }
+    if (need.theta) std::copy(m, m + kMoments, moments + r * kMoments);
+  }
 }
 
 template <bool kWarp, typename S>
 void forward_cpu(const ComposeArgs<S>& a, S* out, const Strides5& os) {
-  const int D = a.size[0];
-  at::parallel_for(0, int64_t(a.batch) * D, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t bd = lo; bd < hi; ++bd) forward_slab<kWarp>(a, out, os, int(bd / D), int(bd % D));
-  });
-}
-
-// One (b, d) slab of the backward pass: scatters into this thread's partial volumes df / di,
-// theta's gradient into th (12 values, double).
-template <bool kWarp, typename S>
-GVSL_FLATTEN void backward_slab(const ComposeArgs<S>& a, const S* g, const Strides5& gs,
-                                ComposeNeeds need, acc_t<S>* df, acc_t<S>* di, double* th,
-                                int b, int d) {
-  using T = acc_t<S>;
-  const int64_t N = int64_t(a.size[0]) * a.size[1] * a.size[2], C = a.channels;
-  const AffineIndexMap<T> A = compose_map<T>(a, b);
-  for (int h = 0; h < a.size[1]; ++h) {
-    T row[12] = {0};  // one row in the accumulation type, then the slab in double
-    for (int w = 0; w < a.size[2]; ++w) {
-      const S* go = g + b * gs.b + d * gs.d + h * gs.h + w * gs.w;
-      T gp[3];
-      compose_backward_voxel<kWarp>(
-          a, A, b, d, h, w, need, [&](int c) { return static_cast<T>(go[c * gs.c]); },
-          [&](int k, int64_t off, T v) { df[(b * 3 + k) * N + off] += v; },
-          [&](int c, int64_t off, T v) { di[(b * C + c) * N + off] += v; }, gp);
-      if (need.theta) accumulate_theta_grad(gp, d, h, w, a.size, a.size, a.align_corners, row);
-    }
-    for (int j = 0; j < 12; ++j) th[j] += row[j];
-  }
+  with_compose_offsets(a, [&](auto i) { forward_rows<kWarp, decltype(i)>(a, out, os); });
 }
 
 // Returns (d image, d theta, d flow); the ones not needed are empty.
 template <bool kWarp, typename S>
 std::vector<at::Tensor> backward_cpu(const ComposeArgs<S>& a, const at::Tensor& grad,
-                                     ComposeNeeds need, const at::TensorOptions& opts) {
+                                     const at::Tensor& image, const at::Tensor& theta,
+                                     const at::Tensor& flow, ComposeNeeds need) {
   using T = acc_t<S>;
-  const int D = a.size[0], H = a.size[1], W = a.size[2];
-  const int64_t B = a.batch, N = int64_t(D) * H * W;
-  const int64_t C = a.channels;
-  const int threads = at::get_num_threads();
-  const auto acc = opts.dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor dflow = need.flow ? at::zeros({threads, B, 3, N}, acc) : at::Tensor();
-  at::Tensor dimage = need.image ? at::zeros({threads, B, C, N}, acc) : at::Tensor();
-  at::Tensor dtheta = need.theta ? at::zeros({B, D, 12}, opts.dtype(at::kDouble)) : at::Tensor();
-  const S* g = grad.data_ptr<S>();
+  const auto acc = flow.options().dtype(c10::CppTypeToScalarType<T>::value);
+  const int64_t rows = int64_t(a.batch) * a.size[0] * a.size[1];
+  const int ranges = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)));
+  std::vector<at::Tensor> dflow, dimage;
+  for (int v = 0; v < ranges; ++v) {
+    if (need.flow) dflow.push_back(at::zeros_like(flow, acc));
+    if (need.image) dimage.push_back(at::zeros_like(image, acc));
+  }
+  for (const auto* bufs : {&dflow, &dimage})
+    for (const auto& t : *bufs)
+      TORCH_CHECK(t.strides() == (bufs == &dflow ? flow : image).strides(),
+                  "compose: gradient buffer layout");
+  at::Tensor moments = need.theta ? at::zeros({1, rows, kMoments}, acc) : at::Tensor();
+  const S* g = grad.const_data_ptr<S>();
   const Strides5 gs = strides5(grad);
-  at::parallel_for(0, B * D, 1, [&](int64_t lo, int64_t hi) {
-    const int tid = at::get_thread_num();
-    TORCH_CHECK(tid < threads, "compose: more threads than partial buffers");
-    T* df = need.flow ? dflow.data_ptr<T>() + tid * B * 3 * N : nullptr;
-    T* di = need.image ? dimage.data_ptr<T>() + tid * B * C * N : nullptr;
-    for (int64_t bd = lo; bd < hi; ++bd) {
-      double th[12] = {0};
-      backward_slab<kWarp>(a, g, gs, need, df, di, th, int(bd / D), int(bd % D));
-      if (need.theta) std::copy(th, th + 12, dtheta.data_ptr<double>() + bd * 12);
-    }
+  with_compose_offsets(a, [&](auto i) {
+    at::parallel_for(0, ranges, 1, [&](int64_t l0, int64_t l1) {
+      for (int64_t v = l0; v < l1; ++v)
+        backward_rows<kWarp, decltype(i)>(
+            a, g, gs, need, need.flow ? dflow[v].data_ptr<T>() : nullptr,
+            need.image ? dimage[v].data_ptr<T>() : nullptr,
+            need.theta ? moments.data_ptr<T>() : nullptr, rows * v / ranges,
+            rows * (v + 1) / ranges);
+    });
   });
-  const auto out_dtype = opts.dtype().toScalarType();
+  for (auto* bufs : {&dflow, &dimage})
+    for (size_t v = 1; v < bufs->size(); ++v) (*bufs)[0].add_((*bufs)[v]);
+  const auto dtype = flow.scalar_type();
+  at::Tensor dtheta;
+  if (need.theta) {
+    Geometry geo;
+    geo.B = a.batch;
+    for (int i = 0; i < 3; ++i) geo.in_size[i] = geo.out_size[i] = a.size[i];
+    dtheta = cpu::theta_grad_cpu(moments, geo, a.align_corners, theta);
+  }
+  const auto opts = flow.options();
   return {
-      need.image ? dimage.sum(0).view({B, C, D, H, W}).to(out_dtype) : empty_grad(opts),
-      need.theta ? dtheta.sum(1).view({B, 3, 4}).to(out_dtype) : empty_grad(opts),
-      need.flow ? dflow.sum(0).view({B, 3, D, H, W}).to(out_dtype) : empty_grad(opts),
+      need.image ? dimage[0].to(dtype) : empty_grad(opts),
+      need.theta ? dtheta : empty_grad(opts),
+      need.flow ? dflow[0].to(dtype) : empty_grad(opts),
   };
 }
 
@@ -116,7 +283,7 @@ std::vector<at::Tensor> compose_bwd_cpu(const at::Tensor& grad, const at::Tensor
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flow.scalar_type(), "compose", [&] {
     const auto a = make_args<scalar_t>(theta, flow, flow, 3, align_corners, padding);
-    out = backward_cpu<false>(a, grad, {false, need_theta, need_flow}, flow.options());
+    out = backward_cpu<false>(a, grad, flow, theta, flow, {false, need_theta, need_flow});
   });
   return {out[1], out[2]};
 }
@@ -143,7 +310,7 @@ std::vector<at::Tensor> affine_flow_warp_bwd_cpu(const at::Tensor& grad, const a
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flow.scalar_type(), "afw", [&] {
     const auto a = make_args<scalar_t>(theta, flow, image, image.size(1), align_corners, padding);
-    out = backward_cpu<true>(a, grad, {need_image, need_theta, need_flow}, flow.options());
+    out = backward_cpu<true>(a, grad, image, theta, flow, {need_image, need_theta, need_flow});
   });
   return out;
 }

@@ -21,25 +21,36 @@ namespace gvsl::cpu {
 
 
 // Stencils of up to kBlock consecutive output voxels of one row, built once per voxel (with the
-// options as template arguments) and then reused for every channel of that voxel.
+// options as template arguments) and then reused for every channel of that voxel. The build
+// loop vectorizes (with -fno-trapping-math) when the offsets I are int32_t.
 constexpr int kBlock = 32;
 
-template <typename T, bool kGrad> struct RowStencils {
-  int64_t off[8][kBlock];
+// Calls f(I{}) with I = int32_t when every offset inside one image channel fits, else int64_t.
+template <typename F> void with_offset_type(const Geometry& g, F&& f) {
+  int64_t last = 0;
+  for (int i = 0; i < 3; ++i) last += int64_t(g.in_size[i] - 1) * g.is[2 + i];
+  if (last <= INT32_MAX) f(int32_t{});
+  else f(int64_t{});
+}
+
+template <typename T, typename I, bool kGrad> struct RowStencils {
+  I off[8][kBlock];
   T w[8][kBlock];
   T dw[kGrad ? 3 : 1][8][kBlock];
 
-  // Mode and padding are template arguments: the per-voxel loop carries no option branches.
-  template <int kMode, int kPad, typename Src>
-  void build(const Geometry& g, const Src& src_ref, int b, int d, int h, int w0, int n) {
-    const Src src = src_ref;  // locals: no aliasing with the arrays written below
-    const int size[3] = {g.in_size[0], g.in_size[1], g.in_size[2]};
-    const int64_t sd = g.is[2], sh = g.is[3], sw = g.is[4];
+  // Stencils of n index-space positions x[axis][v] in a volume of `size` voxels with element
+  // strides `st` (d, h, w). Mode and padding are template arguments: no option branches per voxel.
+  template <int kMode, int kPad>
+  void build_at(const T (&x)[3][kBlock], const int* size_ref, const I* st, int n) {
+    const int size[3] = {size_ref[0], size_ref[1], size_ref[2]};  // locals: no aliasing
+    const I sd = st[0], sh = st[1], sw = st[2];
+    // Positions never alias these arrays: no run-time alias check (which picked the scalar
+    // loop) is needed.
+#pragma GCC ivdep
     for (int v = 0; v < n; ++v) {
-      T x[3];
-      src.position(b, d, h, w0 + v, x);
-      Stencil<T> s;
-      make_stencil<T, kGrad>(x, size, sd, sh, sw, kMode, kPad, s);
+      const T xv[3] = {x[0][v], x[1][v], x[2][v]};
+      Stencil<T, I> s;
+      make_stencil<T, kGrad>(xv, size, sd, sh, sw, kMode, kPad, s);
       for (int k = 0; k < 8; ++k) {
         off[k][v] = s.off[k];
         w[k][v] = s.w[k];
@@ -52,24 +63,43 @@ template <typename T, bool kGrad> struct RowStencils {
     }
   }
 
-  template <typename Src>
-  void build(const Geometry& g, const Src& src, int b, int d, int h, int w0, int n, int mode,
-             int padding) {
+  void build_at(const T (&x)[3][kBlock], const int* size, const I* st, int n, int mode,
+                int padding) {
     if (mode == kNearest) {
-      if (padding == kBorder) build<kNearest, kBorder>(g, src, b, d, h, w0, n);
-      else build<kNearest, kZeros>(g, src, b, d, h, w0, n);
+      if (padding == kBorder) build_at<kNearest, kBorder>(x, size, st, n);
+      else build_at<kNearest, kZeros>(x, size, st, n);
     } else {
-      if (padding == kBorder) build<kBilinear, kBorder>(g, src, b, d, h, w0, n);
-      else build<kBilinear, kZeros>(g, src, b, d, h, w0, n);
+      if (padding == kBorder) build_at<kBilinear, kBorder>(x, size, st, n);
+      else build_at<kBilinear, kZeros>(x, size, st, n);
     }
+  }
+
+  // Stencils of output voxels (b, d, h, w0 .. w0 + n - 1) of a sampler launch.
+  template <typename Src>
+  void build(const Geometry& g, const Src& src_ref, int b, int d, int h, int w0, int n, int mode,
+             int padding) {
+    const Src src = src_ref;
+    T x[3][kBlock];
+#pragma GCC ivdep
+    for (int v = 0; v < n; ++v) {
+      T xv[3];
+      src.position(b, d, h, w0 + v, xv);
+      x[0][v] = xv[0];
+      x[1][v] = xv[1];
+      x[2][v] = xv[2];
+    }
+    const I st[3] = {I(g.is[2]), I(g.is[3]), I(g.is[4])};
+    build_at(x, g.in_size, st, n, mode, padding);
   }
 };
 
-template <typename S, typename Src>
-void forward(const S* img, S* out, const Geometry& g, const Src& src, int mode, int padding) {
+template <typename I, typename S, typename Src>
+void forward_rows(const S* img, S* out, const Geometry& g, const Src& src, int mode,
+                  int padding) {
   using T = acc_t<S>;
   at::parallel_for(0, g.rows(), 1, [&](int64_t r0, int64_t r1) {
-    RowStencils<T, false> st;
+    RowStencils<T, I, false> st;
+    const int64_t ow = g.os[4];
     for (int64_t r = r0; r < r1; ++r) {
       int b, d, h;
       g.split(r, b, d, h);
@@ -78,15 +108,17 @@ void forward(const S* img, S* out, const Geometry& g, const Src& src, int mode, 
       for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
         const int n = std::min(kBlock, g.out_size[2] - w0);
         st.build(g, src, b, d, h, w0, n, mode, padding);
-        // Voxel-major: the 8 scalar corner loads per channel measured no slower than AVX gathers.
-        for (int v = 0; v < n; ++v) {
-          S* ov = ob + (w0 + v) * g.os[4];
-          for (int c = 0; c < g.C; ++c) {
-            const S* ic = ib + c * g.is[1];
+        // Channel-major, voxels inner: the voxel loop vectorizes (gathers), which hides the
+        // latency of the 8-term sums that a voxel-major loop serializes.
+        for (int c = 0; c < g.C; ++c) {
+          const S* ic = ib + c * g.is[1];
+          S* oc = ob + c * g.os[1] + w0 * ow;
+#pragma omp simd
+          for (int v = 0; v < n; ++v) {
             T acc = T(0);
             GVSL_UNROLL
             for (int k = 0; k < 8; ++k) acc += st.w[k][v] * static_cast<T>(ic[st.off[k][v]]);
-            ov[c * g.os[1]] = static_cast<S>(acc);
+            oc[v * ow] = static_cast<S>(acc);
           }
         }
       }
@@ -94,16 +126,24 @@ void forward(const S* img, S* out, const Geometry& g, const Src& src, int mode, 
   });
 }
 
+template <typename S, typename Src>
+void forward(const S* img, S* out, const Geometry& g, const Src& src, int mode, int padding) {
+  with_offset_type(g, [&](auto i) {
+    forward_rows<decltype(i)>(img, out, g, src, mode, padding);
+  });
+}
+
 // One lane of the backward: rows [r0, r1), channels [c0, c1). `scatter` (image gradient, same
 // strides as the image) may be null; with kPos the position gradient of these channels goes to
 // the source (flow, grid) or, for theta, into per-row moments `moments` (rows x 12).
-template <bool kPos, typename S, typename Src>
-void backward_lane(const S* img, const S* gout, const Geometry& g, const Src& src, int mode,
+template <bool kPos, typename I, typename S, typename Src>
+void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& src, int mode,
                    int padding, int64_t r0, int64_t r1, int c0, int c1, acc_t<S>* scatter,
                    acc_t<S>* moments) {
   using T = acc_t<S>;
-  RowStencils<T, kPos> st;
+  RowStencils<T, I, kPos> st;
   T gp[3][kBlock];
+  const int64_t ow = g.os[4];
   for (int64_t r = r0; r < r1; ++r) {
     int b, d, h;
     g.split(r, b, d, h);
@@ -114,18 +154,24 @@ void backward_lane(const S* img, const S* gout, const Geometry& g, const Src& sr
     for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
       const int n = std::min(kBlock, g.out_size[2] - w0);
       st.build(g, src, b, d, h, w0, n, mode, padding);
-      for (int v = 0; v < n; ++v) {
-        const S* gv = gb + (w0 + v) * g.os[4];
-        T pd = T(0), ph = T(0), pw = T(0);
+      if (sb) {
+        // Scatter: scalar (corners of neighbouring voxels collide) and corner-major, so that
+        // consecutive updates go to different addresses and pipeline.
         for (int c = c0; c < c1; ++c) {
-          const T go = static_cast<T>(gv[c * g.os[1]]);
-          if (sb) {
-            T* sc = sb + c * g.is[1];
-            GVSL_UNROLL
-            for (int k = 0; k < 8; ++k) sc[st.off[k][v]] += st.w[k][v] * go;
-          }
-          if constexpr (kPos) {
-            const S* ic = ib + c * g.is[1];
+          const S* gc = gb + c * g.os[1] + w0 * ow;
+          T* sc = sb + c * g.is[1];
+          for (int k = 0; k < 8; ++k)
+            for (int v = 0; v < n; ++v)
+              sc[st.off[k][v]] += st.w[k][v] * static_cast<T>(gc[v * ow]);
+        }
+      }
+      if constexpr (kPos) {  // gather: channel-major, the voxel loop vectorizes
+        for (int v = 0; v < n; ++v) gp[0][v] = gp[1][v] = gp[2][v] = T(0);
+        for (int c = c0; c < c1; ++c) {
+          const S* ic = ib + c * g.is[1];
+          const S* gc = gb + c * g.os[1] + w0 * ow;
+#pragma omp simd
+          for (int v = 0; v < n; ++v) {
             T a = T(0), bb = T(0), cc = T(0);
             GVSL_UNROLL
             for (int k = 0; k < 8; ++k) {
@@ -134,18 +180,12 @@ void backward_lane(const S* img, const S* gout, const Geometry& g, const Src& sr
               bb += st.dw[1][k][v] * val;
               cc += st.dw[2][k][v] * val;
             }
-            pd += go * a;
-            ph += go * bb;
-            pw += go * cc;
+            const T go = static_cast<T>(gc[v * ow]);
+            gp[0][v] += go * a;
+            gp[1][v] += go * bb;
+            gp[2][v] += go * cc;
           }
         }
-        if constexpr (kPos) {
-          gp[0][v] = pd;
-          gp[1][v] = ph;
-          gp[2][v] = pw;
-        }
-      }
-      if constexpr (kPos) {
         for (int v = 0; v < n; ++v) {
           const T gv[3] = {gp[0][v], gp[1][v], gp[2][v]};
           if constexpr (Src::kind == kAffine)
@@ -157,6 +197,16 @@ void backward_lane(const S* img, const S* gout, const Geometry& g, const Src& sr
     }
     if constexpr (kPos && Src::kind == kAffine) std::copy(m, m + kMoments, moments + r * kMoments);
   }
+}
+
+template <bool kPos, typename S, typename Src>
+void backward_lane(const S* img, const S* gout, const Geometry& g, const Src& src, int mode,
+                   int padding, int64_t r0, int64_t r1, int c0, int c1, acc_t<S>* scatter,
+                   acc_t<S>* moments) {
+  with_offset_type(g, [&](auto i) {
+    backward_rows<kPos, decltype(i)>(img, gout, g, src, mode, padding, r0, r1, c0, c1, scatter,
+                                     moments);
+  });
 }
 
 // The backward of the sampler: returns d loss / d image (or an undefined tensor), writes the
