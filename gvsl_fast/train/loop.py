@@ -89,7 +89,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg, self.device)
         if cfg.compile:
-            self.model.backbone = torch.compile(self.model.backbone)
+            # in place (nn.Module.compile): the module tree and its state_dict keys stay those
+            # of the plain U-Net, so checkpoints of compiled and eager runs are interchangeable
+            # (torch.compile's wrapper would insert `_orig_mod.` into every backbone key)
+            self.model.backbone.compile()
         self.forward = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         self.optimizer = make_optimizer(self.model.parameters(), cfg, self.device)
         self.amp_dtype = amp_dtype(self.device) if cfg.amp else None
@@ -163,8 +166,9 @@ class Trainer:
 
     def load_state(self, path: Path) -> None:
         state = checkpoint.load(path, map_location=self.device)
-        checkpoint.check_model_state(path, self.model, state["model"])
-        self.model.load_state_dict(state["model"])
+        weights = checkpoint.plain_keys(state["model"])
+        checkpoint.check_model_state(path, self.model, weights)
+        self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if state.get("loader") is not None and self.loader is not None:
