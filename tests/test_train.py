@@ -18,7 +18,7 @@ from gvsl_fast.cli import main
 from gvsl_fast.models import GVSL, UNet3D
 from gvsl_fast.train import checkpoint
 from gvsl_fast.train.config import TrainConfig
-from gvsl_fast.train.logs import LOSSES
+from gvsl_fast.train.logs import LOSSES, TRAIN_COLUMNS
 from gvsl_fast.train.loop import build_model, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,6 +216,40 @@ def test_compile_matches_eager_and_checkpoints_interchange(tmp_path, cohort_cach
     net = UNet3D.from_pretrained(tmp_path / "net.pt")
     for k, v in net.state_dict().items():
         assert torch.equal(v, ck_compiled["model"][f"backbone.{k}"]), k
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path, cohort_cache, capsys):
+    """With tensorboard installed, tensorboard/train and tensorboard/eval hold every column of
+    history.csv and eval.csv as scalars, at the same steps with the same values."""
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    pretrain(_cfg(out, cohort_cache, steps=2))
+    assert "TensorBoard" not in capsys.readouterr().err
+    with (out / "eval.csv").open() as f:
+        evals = list(csv.DictReader(f))
+    for name, rows, columns in (("train", _history(out), TRAIN_COLUMNS[1:]),
+                                ("eval", evals, LOSSES)):
+        acc = ea.EventAccumulator(str(out / "tensorboard" / name))
+        acc.Reload()
+        assert sorted(acc.Tags()["scalars"]) == sorted(f"{name}/{k}" for k in columns)
+        for k in columns:
+            logged = [(e.step, e.value) for e in acc.Scalars(f"{name}/{k}")]
+            assert logged == [(int(r["step"]), pytest.approx(float(r[k]), rel=1e-6))
+                              for r in rows], k
+    assert [int(r["step"]) for r in evals] == [0, 2]
+
+
+def test_runs_without_tensorboard_and_says_so_once(tmp_path, cohort_cache, monkeypatch, capsys):
+    """tensorboard not importable: the run trains and writes its CSVs, no tensorboard folder,
+    and one line on stderr says TensorBoard logging is off."""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    out = tmp_path / "run"
+    pretrain(_cfg(out, cohort_cache, steps=2))
+    err = capsys.readouterr().err
+    assert err.count("TensorBoard logging off") == 1, err
+    assert len(_history(out)) == 2
+    assert not (out / "tensorboard").exists()
 
 
 @pytest.mark.slow

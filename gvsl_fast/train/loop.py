@@ -20,7 +20,7 @@ from gvsl_fast.data.transforms import AppearanceTransform, SpatialTransform
 from gvsl_fast.models import GVSL, UNet3D
 from gvsl_fast.train import checkpoint, distributed
 from gvsl_fast.train.config import TrainConfig
-from gvsl_fast.train.logs import LOSSES, History, plot_losses, plot_preview
+from gvsl_fast.train.logs import LOSSES, History, plot_losses, plot_preview, tensorboard_error
 
 # The fixed evaluation pair: a batch of the loader's stream (a pure function of the step index)
 # that training never reaches, scored without augmentation at the start and at every save.
@@ -205,8 +205,14 @@ class Trainer:
                 self.load_state(path)
                 if is_main:
                     print(f"gvsl-fast: resumed from {path} at step {self.step}", file=sys.stderr)
-        history = History(cfg.out, self.step) if is_main else None
-        evaluation = History(cfg.out, self.step, "eval") if is_main else None
+        history = evaluation = None
+        if is_main:
+            tb_error = tensorboard_error()
+            if tb_error is not None:
+                print(f"gvsl-fast: TensorBoard logging off ({tb_error}); the losses go to "
+                      "history.csv and eval.csv only", file=sys.stderr)
+            history = History(cfg.out, self.step, tensorboard=tb_error is None)
+            evaluation = History(cfg.out, self.step, "eval", tensorboard=tb_error is None)
         if is_main and self.step == 0:
             evaluation.append({"step": 0, **self.evaluate()})
         bar = _progress(cfg, self.step) if is_main else None
