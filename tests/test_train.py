@@ -252,6 +252,25 @@ def test_runs_without_tensorboard_and_says_so_once(tmp_path, cohort_cache, monke
     assert not (out / "tensorboard").exists()
 
 
+def test_apex_fused_adam_without_apex_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """`--optimizer apex-fused-adam` with apex not importable: exit code 2 and one error line
+    naming the option, before any data is prepared."""
+    monkeypatch.setitem(sys.modules, "apex", None)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", None)
+    code = main(["pretrain", "--optimizer", "apex-fused-adam", "--out", str(tmp_path / "run"),
+                 "--cache", str(tmp_path / "cache"), "--steps", "1", "--patch", "16",
+                 "--batch-size", "1", "--no-progress", "--loader", "torch"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gvsl-fast pretrain: error: --optimizer apex-fused-adam: apex is "
+                               "not importable"), lines[0]
+    assert not (tmp_path / "cache").exists()
+    assert not checkpoint.list_checkpoints(tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_identical_replicas(tmp_path):
     """torchrun with 2 gloo processes: after a few steps both replicas hold the same weights."""
