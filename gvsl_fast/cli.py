@@ -106,7 +106,8 @@ def run_export(args: argparse.Namespace) -> int:
         raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint} holds no backbone")
     backbone = UNet3D(cfg["in_channels"], tuple(cfg["down"]), tuple(cfg["up"]))
     prefix = "backbone."
-    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    weights = {k[len(prefix):]: v for k, v in checkpoint.plain_keys(state["model"]).items()
+               if k.startswith(prefix)}
     checkpoint.check_model_state(args.checkpoint, backbone, weights)
     backbone.load_state_dict(weights)
     args.output.parent.mkdir(parents=True, exist_ok=True)

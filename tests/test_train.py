@@ -18,7 +18,8 @@ from gvsl_fast.cli import main
 from gvsl_fast.models import GVSL, UNet3D
 from gvsl_fast.train import checkpoint
 from gvsl_fast.train.config import TrainConfig
-from gvsl_fast.train.loop import pretrain
+from gvsl_fast.train.logs import LOSSES, TRAIN_COLUMNS
+from gvsl_fast.train.loop import build_model, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -147,10 +148,127 @@ def test_export_and_info(tmp_path, cohort_cache, capsys):
     net = UNet3D.from_pretrained(tmp_path / "backbone.pt")
     state = checkpoint.load(ckpt)["model"]
     assert torch.equal(net.state_dict()["encoder.0.0.weight"], state["backbone.encoder.0.0.weight"])
+    # a checkpoint of a compiled run from before the U-Net was compiled in place, its backbone
+    # keys behind torch.compile's `_orig_mod.`, exports the same weights
+    legacy = checkpoint.load(ckpt)
+    legacy["model"] = {k.replace("backbone.", "backbone._orig_mod.", 1): v
+                       for k, v in legacy["model"].items()}
+    checkpoint.save(legacy, tmp_path / "legacy.pt")
+    assert main(["export", str(tmp_path / "legacy.pt"), str(tmp_path / "legacy_backbone.pt")]) == 0
+    old = UNet3D.from_pretrained(tmp_path / "legacy_backbone.pt")
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, old.state_dict()[k]), k
     assert main(["export", str(tmp_path / "nope.pt"), str(tmp_path / "x.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["info"]) == 0
     assert "op backends" in capsys.readouterr().out
+
+
+def _close(x: str, y: str, rtol: float = 1e-4, atol: float = 1e-9) -> bool:
+    return abs(float(x) - float(y)) <= atol + rtol * abs(float(y))
+
+
+@pytest.mark.slow
+def test_compile_matches_eager_and_checkpoints_interchange(tmp_path, cohort_cache):
+    """`--compile` (inductor on the CPU): the losses of the first steps match the eager run's,
+    and its checkpoints hold the plain U-Net's keys: an eager run resumes a compiled run's
+    checkpoint and a compiled run an eager one's, and `gvsl-fast export` takes it."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    pretrain(_cfg(eager, cohort_cache, steps=2))
+    pretrain(_cfg(compiled, cohort_cache, steps=2, compile=True))
+    for e, c in zip(_history(eager), _history(compiled), strict=True):
+        assert e["step"] == c["step"]
+        for k in LOSSES:
+            assert _close(c[k], e[k]), (c["step"], k, c[k], e[k])
+    ck_eager = checkpoint.load(eager / "ckpt_00000002.pt")
+    ck_compiled = checkpoint.load(compiled / "ckpt_00000002.pt")
+    assert list(ck_compiled["model"]) == list(ck_eager["model"])  # no `_orig_mod.` keys
+    # the two runs' weight updates agree (Adam scales every update to about lr, so weights
+    # with near-zero gradients differ by up to lr per step: compare whole updates, not elements)
+    torch.manual_seed(0)
+    init = build_model(TrainConfig().resolved("cpu"), torch.device("cpu")).state_dict()
+    apart = sum((v - ck_eager["model"][k]).double().square().sum()
+                for k, v in ck_compiled["model"].items() if v.is_floating_point())
+    moved = sum((ck_eager["model"][k] - v).double().square().sum()
+                for k, v in init.items() if v.is_floating_point())
+    assert 0 < apart.sqrt() < 1e-2 * moved.sqrt()  # 0 would mean inductor's code never ran
+
+    # a checkpoint written before the in-place compile (`backbone._orig_mod.` keys) resumes too
+    legacy = tmp_path / "legacy"
+    old = {**ck_compiled, "model": {k.replace("backbone.", "backbone._orig_mod.", 1): v
+                                    for k, v in ck_compiled["model"].items()}}
+    checkpoint.save(old, checkpoint.checkpoint_path(legacy, 2))
+    pretrain(_cfg(legacy, cohort_cache, steps=3, resume="auto"))
+    # eager continues the compiled run, compiled continues the eager run
+    pretrain(_cfg(compiled, cohort_cache, steps=3, resume="auto"))
+    pretrain(_cfg(eager, cohort_cache, steps=3, resume="auto", compile=True))
+    from_compiled, from_eager = _history(compiled)[-1], _history(eager)[-1]
+    assert from_compiled["step"] == from_eager["step"] == "3"
+    for k in LOSSES:
+        assert _close(from_compiled[k], from_eager[k]), (k, from_compiled[k], from_eager[k])
+    assert [{k: r[k] for k in LOSSES} for r in _history(legacy)] == [
+        {k: from_compiled[k] for k in LOSSES}]
+    ck_legacy = checkpoint.load(legacy / "ckpt_00000003.pt")["model"]
+    for k, v in checkpoint.load(compiled / "ckpt_00000003.pt")["model"].items():
+        assert torch.equal(v, ck_legacy[k]), k
+
+    assert main(["export", str(compiled / "ckpt_00000002.pt"), str(tmp_path / "net.pt")]) == 0
+    net = UNet3D.from_pretrained(tmp_path / "net.pt")
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, ck_compiled["model"][f"backbone.{k}"]), k
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path, cohort_cache, capsys):
+    """With tensorboard installed, tensorboard/train and tensorboard/eval hold every column of
+    history.csv and eval.csv as scalars, at the same steps with the same values."""
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    pretrain(_cfg(out, cohort_cache, steps=2))
+    assert "TensorBoard" not in capsys.readouterr().err
+    with (out / "eval.csv").open() as f:
+        evals = list(csv.DictReader(f))
+    for name, rows, columns in (("train", _history(out), TRAIN_COLUMNS[1:]),
+                                ("eval", evals, LOSSES)):
+        acc = ea.EventAccumulator(str(out / "tensorboard" / name))
+        acc.Reload()
+        assert sorted(acc.Tags()["scalars"]) == sorted(f"{name}/{k}" for k in columns)
+        for k in columns:
+            logged = [(e.step, e.value) for e in acc.Scalars(f"{name}/{k}")]
+            assert logged == [(int(r["step"]), pytest.approx(float(r[k]), rel=1e-6))
+                              for r in rows], k
+    assert [int(r["step"]) for r in evals] == [0, 2]
+
+
+def test_runs_without_tensorboard_and_says_so_once(tmp_path, cohort_cache, monkeypatch, capsys):
+    """tensorboard not importable: the run trains and writes its CSVs, no tensorboard folder,
+    and one line on stderr says TensorBoard logging is off."""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    out = tmp_path / "run"
+    pretrain(_cfg(out, cohort_cache, steps=2))
+    err = capsys.readouterr().err
+    assert err.count("TensorBoard logging off") == 1, err
+    assert len(_history(out)) == 2
+    assert not (out / "tensorboard").exists()
+
+
+def test_apex_fused_adam_without_apex_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """`--optimizer apex-fused-adam` with apex not importable: exit code 2 and one error line
+    naming the option, before any data is prepared."""
+    monkeypatch.setitem(sys.modules, "apex", None)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", None)
+    code = main(["pretrain", "--optimizer", "apex-fused-adam", "--out", str(tmp_path / "run"),
+                 "--cache", str(tmp_path / "cache"), "--steps", "1", "--patch", "16",
+                 "--batch-size", "1", "--no-progress", "--loader", "torch"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gvsl-fast pretrain: error: --optimizer apex-fused-adam: apex is "
+                               "not importable"), lines[0]
+    assert not (tmp_path / "cache").exists()
+    assert not checkpoint.list_checkpoints(tmp_path / "run")
 
 
 @pytest.mark.slow

@@ -84,6 +84,13 @@ def resolve_resume(resume: str, out_dir: Path) -> Path | None:
     return Path(resume)
 
 
+def plain_keys(state_dict: dict) -> dict:
+    """``state_dict`` with the ``_orig_mod.`` segments of a torch.compile wrapper removed, as
+    written by compiled runs before the U-Net was compiled in place; other keys unchanged."""
+    return {k.replace("._orig_mod.", ".").removeprefix("_orig_mod."): v
+            for k, v in state_dict.items()}
+
+
 def check_model_state(path: Path, model: torch.nn.Module, state_dict: dict) -> None:
     """Refuse a checkpoint written for another model, naming what differs."""
     own = model.state_dict()

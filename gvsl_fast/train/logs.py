@@ -15,9 +15,11 @@ EVAL_COLUMNS = ("step", *LOSSES)
 class History:
     """One CSV of the run folder (``train``: history.csv, per step; ``eval``: eval.csv, the fixed
     evaluation batch at each save). On resume, rows past the resumed step are dropped so the file
-    matches the checkpoint it continues from."""
+    matches the checkpoint it continues from. With ``tensorboard`` the same scalars also go to
+    ``tensorboard/<name>/`` as ``<name>/<column>``."""
 
-    def __init__(self, out_dir: Path, start_step: int, name: str = "train") -> None:
+    def __init__(self, out_dir: Path, start_step: int, name: str = "train",
+                 tensorboard: bool = False) -> None:
         self.name = name
         self.columns = TRAIN_COLUMNS if name == "train" else EVAL_COLUMNS
         self.path = Path(out_dir) / ("history.csv" if name == "train" else f"{name}.csv")
@@ -29,7 +31,7 @@ class History:
             w = csv.DictWriter(f, self.columns)
             w.writeheader()
             w.writerows(self.rows)
-        self.tb = _tensorboard(Path(out_dir) / "tensorboard" / name)
+        self.tb = _summary_writer(Path(out_dir) / "tensorboard" / name) if tensorboard else None
 
     def append(self, row: dict) -> None:
         row = {k: row[k] for k in self.columns}
@@ -48,11 +50,18 @@ class History:
             self.tb.close()
 
 
-def _tensorboard(log_dir: Path):
+def tensorboard_error() -> str | None:
+    """Why TensorBoard logging is unavailable, or None when it is (tensorboard is optional)."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except Exception as exc:  # ImportError when absent; a broken install must not stop training
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _summary_writer(log_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(str(log_dir))
 
 
