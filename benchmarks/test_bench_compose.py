@@ -5,7 +5,9 @@ Baselines timed in the same test:
 - ``two_resample``: the original GVSL code's path, image(M(p + u(p))) as two successive
   ``F.grid_sample`` calls (affine grid, then identity + flow);
 - ``grid_sample_warp``: a plain warp of the same size, ``F.grid_sample`` of identity + flow with
-  the gradient to flow (the work a warp does; the target is affine_flow_warp <= 1.3x of it).
+  the gradient to flow;
+- ``warp``: the same plain warp through this backend's own ``warp`` op (the target is
+  affine_flow_warp <= 1.3x of it: the composition nearly free).
 The image does not require grad (as in GVSL); theta and flow do.
 """
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import median_time, record, run_benchmark
-from gvsl_fast.ops import affine_flow_warp, compose
+from gvsl_fast.ops import affine_flow_warp, compose, warp
 from gvsl_fast.ops import reference as R
 
 SIZE = (128, 128, 128)
@@ -87,7 +89,8 @@ def _bench(benchmark, device, backend, op: str):
         baselines = {"reference": lambda im, th, fl: R.compose(th, fl)}
     else:
         baselines = {"reference": R.affine_flow_warp, "two_resample": two_resample,
-                     "grid_sample_warp": grid_sample_warp}
+                     "grid_sample_warp": grid_sample_warp,
+                     "warp": lambda im, th, fl: warp(im, fl, backend=backend)}
     times = {name: median_time(fwd_bwd(fn, sets, out_channels), device, reps=3)
              for name, fn in baselines.items()}
     seconds = run_benchmark(benchmark, fwd_bwd(fast, sets, out_channels), device)

@@ -21,10 +21,12 @@ using cpu::kBlock;
 using cpu::RowStencils;
 
 // Positions of one block of a row: p_hat (the affine image of p), the flow's stencils there and
-// q = p_hat + flow(p_hat).
+// q = p_hat + flow(p_hat); with kGrad also the flow's Jacobian there, jac[k][i] = d flow_k / d
+// p_hat_i, from the same corner loads.
 template <typename T, typename I, bool kGrad> struct ComposeBlock {
   T p_hat[3][kBlock];
   T q[3][kBlock];
+  T jac[kGrad ? 3 : 1][3][kBlock];
   RowStencils<T, I, kGrad> flow;
 
   template <typename S>
@@ -44,10 +46,23 @@ template <typename T, typename I, bool kGrad> struct ComposeBlock {
       const S* fk = fl + k * a.fs.c;
 #pragma omp simd
       for (int v = 0; v < n; ++v) {
-        T acc = T(0);
+        T acc = T(0), x = T(0), y = T(0), z = T(0);
         GVSL_UNROLL
-        for (int c = 0; c < 8; ++c) acc += flow.w[c][v] * static_cast<T>(fk[flow.off[c][v]]);
+        for (int c = 0; c < 8; ++c) {
+          const T val = static_cast<T>(fk[flow.off[c][v]]);
+          acc += flow.w[c][v] * val;
+          if constexpr (kGrad) {
+            x += flow.dw[0][c][v] * val;
+            y += flow.dw[1][c][v] * val;
+            z += flow.dw[2][c][v] * val;
+          }
+        }
         q[k][v] = p_hat[k][v] + acc;
+        if constexpr (kGrad) {
+          jac[k][0][v] = x;
+          jac[k][1][v] = y;
+          jac[k][2][v] = z;
+        }
       }
     }
   }
@@ -128,7 +143,6 @@ void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, C
     const int h = int(r % H), d = int((r / H) % D), b = int(r / (int64_t(H) * D));
     const AffineIndexMap<T> A = compose_map<T>(a, b);
     const S* gb = grad + b * gs.b + d * gs.d + h * gs.h;
-    const S* fl = a.flow + b * a.fs.b;
     T m[kMoments] = {};
     for (int w0 = 0; w0 < W; w0 += kBlock) {
       const int n = std::min(kBlock, W - w0);
@@ -183,23 +197,10 @@ void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, C
         T gp[3][kBlock];
         for (int i = 0; i < 3; ++i)
           for (int v = 0; v < n; ++v) gp[i][v] = g[i][v];
-        for (int k = 0; k < 3; ++k) {
-          const S* fk = fl + k * a.fs.c;
+        for (int k = 0; k < 3; ++k)
+          for (int i = 0; i < 3; ++i)
 #pragma omp simd
-          for (int v = 0; v < n; ++v) {
-            T x = T(0), y = T(0), z = T(0);
-            GVSL_UNROLL
-            for (int c = 0; c < 8; ++c) {
-              const T val = static_cast<T>(fk[blk.flow.off[c][v]]);
-              x += blk.flow.dw[0][c][v] * val;
-              y += blk.flow.dw[1][c][v] * val;
-              z += blk.flow.dw[2][c][v] * val;
-            }
-            gp[0][v] += g[k][v] * x;
-            gp[1][v] += g[k][v] * y;
-            gp[2][v] += g[k][v] * z;
-          }
-        }
+            for (int v = 0; v < n; ++v) gp[i][v] += g[k][v] * blk.jac[k][i][v];
         for (int v = 0; v < n; ++v) {
           const T gv[3] = {gp[0][v], gp[1][v], gp[2][v]};
           theta_moments(gv, d, h, w0 + v, a.size, m);
