@@ -155,17 +155,41 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
       const int n = std::min(kBlock, g.out_size[2] - w0);
       st.build(g, src, b, d, h, w0, n, mode, padding);
       if (sb) {
-        // Scatter: scalar (corners of neighbouring voxels collide) and corner-major, so that
-        // consecutive updates go to different addresses and pipeline.
-        for (int c = c0; c < c1; ++c) {
-          const S* gc = gb + c * g.os[1] + w0 * ow;
-          T* sc = sb + c * g.is[1];
-          for (int k = 0; k < 8; ++k)
-            for (int v = 0; v < n; ++v)
-              sc[st.off[k][v]] += st.w[k][v] * static_cast<T>(gc[v * ow]);
+        // With the image gradient (a scatter: scalar, as corners of neighbouring voxels collide),
+        // voxel by voxel, each channel's scatter and gather in one pass over its corners: this
+        // measured faster than separate passes for GVSL's 32-channel features.
+        for (int v = 0; v < n; ++v) {
+          const S* gv = gb + (w0 + v) * ow;
+          T pd = T(0), ph = T(0), pw = T(0);
+          for (int c = c0; c < c1; ++c) {
+            const T go = static_cast<T>(gv[c * g.os[1]]);
+            T* sc = sb + c * g.is[1];
+            GVSL_UNROLL
+            for (int k = 0; k < 8; ++k) sc[st.off[k][v]] += st.w[k][v] * go;
+            if constexpr (kPos) {
+              const S* ic = ib + c * g.is[1];
+              T a = T(0), bb = T(0), cc = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k) {
+                const T val = static_cast<T>(ic[st.off[k][v]]);
+                a += st.dw[0][k][v] * val;
+                bb += st.dw[1][k][v] * val;
+                cc += st.dw[2][k][v] * val;
+              }
+              pd += go * a;
+              ph += go * bb;
+              pw += go * cc;
+            }
+          }
+          if constexpr (kPos) {
+            gp[0][v] = pd;
+            gp[1][v] = ph;
+            gp[2][v] = pw;
+          }
         }
-      }
-      if constexpr (kPos) {  // gather: channel-major, the voxel loop vectorizes
+      } else if constexpr (kPos) {
+        // Position gradient alone: channel-major, the voxel loop vectorizes (gathers), hiding
+        // the latency of the 8-term sums that a voxel-major loop serializes.
         for (int v = 0; v < n; ++v) gp[0][v] = gp[1][v] = gp[2][v] = T(0);
         for (int c = c0; c < c1; ++c) {
           const S* ic = ib + c * g.is[1];
@@ -186,6 +210,8 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
             gp[2][v] += go * cc;
           }
         }
+      }
+      if constexpr (kPos) {
         for (int v = 0; v < n; ++v) {
           const T gv[3] = {gp[0][v], gp[1][v], gp[2][v]};
           if constexpr (Src::kind == kAffine)
