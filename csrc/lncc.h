@@ -34,6 +34,19 @@ GVSL_HD LnccStats<T> lncc_stats(T si, T sj, T sii, T sjj, T sij, T n) {
   return s;
 }
 
+// The statistics in another precision: the CUDA kernels compute them in double from double
+// window sums (the cancellation of SII - SI^2/n and the like happens there) and evaluate the
+// formulas below in float.
+template <typename T, typename U> GVSL_HD LnccStats<T> lncc_stats_cast(const LnccStats<U>& s) {
+  LnccStats<T> r;
+  r.cross = T(s.cross);
+  r.ivar = T(s.ivar);
+  r.jvar = T(s.jvar);
+  r.mui = T(s.mui);
+  r.muj = T(s.muj);
+  return r;
+}
+
 GVSL_HD float gmax(float x, float y) { return x > y ? x : y; }
 GVSL_HD double gmax(double x, double y) { return x > y ? x : y; }
 

@@ -6,6 +6,13 @@ voxel does not depend on the window); three launches give the zero-padded box. P
 kernels compute cc (or per-block loss partials, summed afterwards in a fixed order), the
 backward coefficient maps and the gradients with the arithmetic of ``csrc/lncc.h``. Loads are
 masked and upcast to float32 at once.
+
+Precision, as the CPU backend: the running sums accumulate in float64 (a float32 one drifts:
+what it adds and later subtracts along a line does not cancel exactly, so a constant window
+after varying data gets a nonzero variance). The W and H sums are stored rounded to float32, the
+full window sums in float64; the statistics (``SII - SI^2/n`` and the like, where the
+cancellation is) and the gradients are computed in float64 from them, the other per-voxel
+formulas in float32.
 """
 
 from __future__ import annotations
@@ -26,18 +33,19 @@ BLOCK = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 1024  # voxels per
 
 @triton.jit
 def _running_sum_kernel(x_ptr, y_ptr, n_lines, L, inner, R: tl.constexpr, LINES: tl.constexpr):
-    """y = zero-padded window sum of x (viewed as (outer, L, inner)) along L, window 2R + 1."""
+    """y = zero-padded window sum of x (viewed as (outer, L, inner)) along L, window 2R + 1,
+    accumulated in float64 and stored in y's dtype."""
     line = tl.program_id(0) * LINES + tl.arange(0, LINES)
     live = line < n_lines
     base = (line // inner).to(tl.int64) * L * inner + (line % inner)
-    acc = tl.zeros([LINES], dtype=tl.float32)
+    acc = tl.zeros([LINES], dtype=tl.float64)
     for j in range(0, R + 1):
-        acc += tl.load(x_ptr + base + j * inner, mask=live & (j < L), other=0.0)
+        acc += tl.load(x_ptr + base + j * inner, mask=live & (j < L), other=0.0).to(tl.float64)
     for i in range(0, L):
-        tl.store(y_ptr + base + i * inner, acc, mask=live)
+        tl.store(y_ptr + base + i * inner, acc.to(y_ptr.dtype.element_ty), mask=live)
         add = tl.load(x_ptr + base + (i + R + 1) * inner, mask=live & (i + R + 1 < L), other=0.0)
         sub = tl.load(x_ptr + base + (i - R) * inner, mask=live & (i - R >= 0), other=0.0)
-        acc += add - sub
+        acc += add.to(tl.float64) - sub.to(tl.float64)
 
 
 @triton.jit
@@ -56,14 +64,20 @@ def _stack_inputs_kernel(a_ptr, b_ptr, x_ptr, N, BLOCK: tl.constexpr):
 
 @triton.jit
 def _stats(s_ptr, offs, m, N, n):
+    """cross, Ivar, Jvar, muI, muJ (float32) from the float64 window sums, computed in float64
+    (lncc_stats<double> of csrc/lncc.h)."""
     si = tl.load(s_ptr + offs, mask=m, other=0.0)
     sj = tl.load(s_ptr + N + offs, mask=m, other=0.0)
     sii = tl.load(s_ptr + 2 * N + offs, mask=m, other=0.0)
     sjj = tl.load(s_ptr + 3 * N + offs, mask=m, other=0.0)
     sij = tl.load(s_ptr + 4 * N + offs, mask=m, other=0.0)
-    mui = si / n
+    mui = si / n  # float64: n (= window^3, exact in float32) promotes
     muj = sj / n
-    return sij - si * muj, sii - si * mui, sjj - sj * muj, mui, muj
+    cross = sij - si * muj
+    ivar = sii - si * mui
+    jvar = sjj - sj * muj
+    return (cross.to(tl.float32), ivar.to(tl.float32), jvar.to(tl.float32), mui.to(tl.float32),
+            muj.to(tl.float32))
 
 
 @triton.jit
@@ -129,43 +143,47 @@ def _coef_kernel(s_ptr, g_ptr, c_ptr, N, n, eps, smooth_nr, PRESET: tl.constexpr
 @triton.jit
 def _grad_kernel(box_ptr, a_ptr, b_ptr, ga_ptr, gb_ptr, N, NEED_A: tl.constexpr,
                  NEED_B: tl.constexpr, BLOCK: tl.constexpr):
-    """dL/dI = J Box(a) - Box(a muJ) - I Box(b) + Box(b muI); likewise for dL/dJ."""
+    """dL/dI = J Box(a) - Box(a muJ) - I Box(b) + Box(b muI); likewise for dL/dJ. In float64, from
+    the float64 window sums (lncc_grad<double> of csrc/lncc.h: its terms cancel where the
+    images are smooth), stored through float32 (the interpreter mangles float64 -> bfloat16)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
-    i = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    j = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    i = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32).to(tl.float64)
+    j = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32).to(tl.float64)
     box_a = tl.load(box_ptr + offs, mask=m, other=0.0)
     q = 1
     if NEED_A:
         amu = tl.load(box_ptr + N + offs, mask=m, other=0.0)
         bb = tl.load(box_ptr + 2 * N + offs, mask=m, other=0.0)
         bmu = tl.load(box_ptr + 3 * N + offs, mask=m, other=0.0)
-        tl.store(ga_ptr + offs, (j * box_a - amu - i * bb + bmu).to(ga_ptr.dtype.element_ty),
-                 mask=m)
+        ga = (j * box_a - amu - i * bb + bmu).to(tl.float32)
+        tl.store(ga_ptr + offs, ga.to(ga_ptr.dtype.element_ty), mask=m)
         q = 4
     if NEED_B:
         amu = tl.load(box_ptr + q * N + offs, mask=m, other=0.0)
         cb = tl.load(box_ptr + (q + 1) * N + offs, mask=m, other=0.0)
         cmu = tl.load(box_ptr + (q + 2) * N + offs, mask=m, other=0.0)
-        tl.store(gb_ptr + offs, (i * box_a - amu - j * cb + cmu).to(gb_ptr.dtype.element_ty),
-                 mask=m)
+        gb = (i * box_a - amu - j * cb + cmu).to(tl.float32)
+        tl.store(gb_ptr + offs, gb.to(gb_ptr.dtype.element_ty), mask=m)
 
 
 def _box(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Zero-padded window sums of the stacked float32 volumes ``x`` (V, D, H, W), in place of a
-    copy: three running-sum passes (W, H, D) ping-ponging between two buffers."""
+    """Zero-padded window sums (float64) of the stacked float32 volumes ``x`` (V, D, H, W), which
+    it overwrites: three running-sum passes (W, H, D), the first two into float32 buffers (as the
+    CPU backend rounds its row and plane sums), the last into a float64 one."""
     V, D, H, W = x.shape
     y = torch.empty_like(x)
-    for L, inner in ((W, 1), (H, W), (D, H * W)):
-        lines = x.numel() // L
-        _running_sum_kernel[(triton.cdiv(lines, LINES),)](x, y, lines, L, inner, R=window // 2,
-                                                          LINES=LINES)
-        x, y = y, x
-    return x
+    out = torch.empty(x.shape, device=x.device, dtype=torch.float64)
+    for (L, inner), src, dst in zip(((W, 1), (H, W), (D, H * W)), (x, y, x), (y, x, out),
+                                    strict=True):
+        lines = src.numel() // L
+        _running_sum_kernel[(triton.cdiv(lines, LINES),)](src, dst, lines, L, inner,
+                                                          R=window // 2, LINES=LINES)
+    return out
 
 
 def _window_sums(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
-    """The five window sums SI, SJ, SII, SJJ, SIJ as a (5, N) float32 tensor."""
+    """The five window sums SI, SJ, SII, SJJ, SIJ as a (5, N) float64 tensor."""
     N = a.numel()
     D, H, W = a.shape[2:]
     x = torch.empty((5, N), device=a.device, dtype=torch.float32)

@@ -7,6 +7,15 @@
 // static). Loads and per-voxel consumers are functors: the forward (cc map, or per-block loss
 // partials summed in a fixed order afterwards), the backward's coefficient maps, and the
 // gradients (a gather: each voxel reads the window sums of the coefficient maps; no atomics).
+//
+// Precision, as the CPU backend: every running sum accumulates in double. (A float one drifts:
+// what it adds and later subtracts does not cancel exactly, so a constant window after varying
+// data gets a variance and a cross term of rounding noise, and the gradient there, about
+// cross / eps, is wrong by orders of magnitude.) The W and W+H sums are stored rounded to float
+// (shared memory, the ring); the D sums stay double, and the consumers compute the statistics
+// (SII - SI^2/n and the like, where float rounding and FMA contraction would again leave noise
+// of the order of eps) and the gradients in double from them, the other per-voxel formulas in
+// float.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -80,15 +89,19 @@ template <int Q> struct LoadCoefs {
   }
 };
 
+// The statistics of a voxel from its window sums, computed in double.
+__device__ gvsl::LnccStats<float> stats_of(const double* S, const LnccParams<float>& p) {
+  return gvsl::lncc_stats_cast<float>(gvsl::lncc_stats<double>(
+      S[gvsl::kSI], S[gvsl::kSJ], S[gvsl::kSII], S[gvsl::kSJJ], S[gvsl::kSIJ], double(p.n)));
+}
+
 // Forward: the cc map (out != nullptr), else returns the loss term for the block partials.
 template <typename T> struct ConsumeCC {
   LnccParams<float> p;
   T* out;
   Strides so;
-  __device__ float operator()(const Shape& s, int bc, int d, int h, int w, const float* S) const {
-    const float cc = gvsl::lncc_cc(
-        gvsl::lncc_stats(S[gvsl::kSI], S[gvsl::kSJ], S[gvsl::kSII], S[gvsl::kSJJ], S[gvsl::kSIJ],
-                         p.n), p);
+  __device__ float operator()(const Shape& s, int bc, int d, int h, int w, const double* S) const {
+    const float cc = gvsl::lncc_cc(stats_of(S, p), p);
     if (out) {
       out[s.at(so, bc, d, h, w)] = static_cast<T>(cc);
       return 0.f;
@@ -105,9 +118,8 @@ template <int Q> struct ConsumeCoefs {
   float* coef;
   int64_t qstride;
   bool need_a, need_b;
-  __device__ float operator()(const Shape& s, int bc, int d, int h, int w, const float* S) const {
-    const auto st = gvsl::lncc_stats(S[gvsl::kSI], S[gvsl::kSJ], S[gvsl::kSII], S[gvsl::kSJJ],
-                                     S[gvsl::kSIJ], p.n);
+  __device__ float operator()(const Shape& s, int bc, int d, int h, int w, const double* S) const {
+    const auto st = stats_of(S, p);
     const auto k = gvsl::lncc_coefs(st, g[s.at(sg, bc, d, h, w)], p);
     float maps[Q];
     gvsl::lncc_coef_maps(st, k, need_a, need_b, maps);
@@ -118,19 +130,27 @@ template <int Q> struct ConsumeCoefs {
   }
 };
 
-// Backward pass 2: the gradients from the window sums of the coefficient maps.
+// Backward pass 2: the gradients from the window sums of the coefficient maps, in double (the
+// four terms cancel where the images are smooth).
 template <typename T> struct ConsumeGrads {
   const T *a, *b;
   T *ga, *gb;
   Strides sa, sb, sga, sgb;
-  int jo;  // first of dL/db's three maps
-  __device__ float operator()(const Shape& s, int bc, int d, int h, int w, const float* S) const {
-    const float i = static_cast<float>(a[s.at(sa, bc, d, h, w)]);
-    const float j = static_cast<float>(b[s.at(sb, bc, d, h, w)]);
-    if (ga) ga[s.at(sga, bc, d, h, w)] = static_cast<T>(gvsl::lncc_grad(i, j, S[0], S[1], S[2], S[3]));
+  // Q = 7: dL/db's three maps follow dL/da's (S[4..6]); Q = 4: only one input needs a gradient,
+  // and dL/db's maps are S[1..3]. A static index keeps S in registers (not on the stack).
+  template <int Q>
+  __device__ float operator()(const Shape& s, int bc, int d, int h, int w,
+                              const double (&S)[Q]) const {
+    constexpr int jo = Q == 7 ? 4 : 1;
+    const double i = static_cast<float>(a[s.at(sa, bc, d, h, w)]);
+    const double j = static_cast<float>(b[s.at(sb, bc, d, h, w)]);
+    if (ga) {
+      ga[s.at(sga, bc, d, h, w)] =
+          static_cast<T>(float(gvsl::lncc_grad(i, j, S[0], S[1], S[2], S[3])));
+    }
     if (gb) {
       gb[s.at(sgb, bc, d, h, w)] =
-          static_cast<T>(gvsl::lncc_grad(j, i, S[0], S[jo], S[jo + 1], S[jo + 2]));
+          static_cast<T>(float(gvsl::lncc_grad(j, i, S[0], S[jo], S[jo + 1], S[jo + 2])));
     }
     return 0.f;
   }
@@ -172,7 +192,7 @@ __device__ void fetch_tile(const Load& load, const Shape& s, int bc, int d, int 
 // Stages the fetched slice, calls next(), and returns the window sums over W then H for this
 // thread's (h, w):
 // running sums over row segments (W) and tile columns (H), so that shared-memory traffic per
-// voxel does not grow with K.
+// voxel does not grow with K; they accumulate in double and store rounded to float.
 template <int K, int M, class Load, class Next>
 __device__ void slice_sums(Tile<K, M>& t, float (*raw)[Load::RAW], const Next& next, float* out) {
   using TileT = Tile<K, M>;
@@ -195,28 +215,28 @@ __device__ void slice_sums(Tile<K, M>& t, float (*raw)[Load::RAW], const Next& n
     const int hh = task % HH, sg = (task / HH) % NSEG, m = task / (HH * NSEG);
     const float* row = &t.x[m][hh][sg * SEG];
     float* dst = &t.w[m][hh][sg * SEG];
-    float acc = 0.f;
+    double acc = 0.0;
 #pragma unroll
     for (int j = 0; j < K; ++j) acc += row[j];
-    dst[0] = acc;
+    dst[0] = float(acc);
 #pragma unroll
     for (int i = 1; i < SEG; ++i) {
-      acc += row[i + K - 1] - row[i - 1];
-      dst[i] = acc;
+      acc += double(row[i + K - 1]) - double(row[i - 1]);
+      dst[i] = float(acc);
     }
   }
   __syncthreads();
   float(*hs)[TH][TW] = reinterpret_cast<float(*)[TH][TW]>(&t.x[0][0][0]);  // x is free now
   for (int task = tid; task < M * TW; task += THREADS) {
     const int x = task % TW, m = task / TW;
-    float acc = 0.f;
+    double acc = 0.0;
 #pragma unroll
     for (int j = 0; j < K; ++j) acc += t.w[m][j][x];
-    hs[m][0][x] = acc;
+    hs[m][0][x] = float(acc);
 #pragma unroll
     for (int i = 1; i < TH; ++i) {
-      acc += t.w[m][i + K - 1][x] - t.w[m][i - 1][x];
-      hs[m][i][x] = acc;
+      acc += double(t.w[m][i + K - 1][x]) - double(t.w[m][i - 1][x]);
+      hs[m][i][x] = float(acc);
     }
   }
   __syncthreads();
@@ -224,8 +244,22 @@ __device__ void slice_sums(Tile<K, M>& t, float (*raw)[Load::RAW], const Next& n
   for (int m = 0; m < M; ++m) out[m] = hs[m][threadIdx.y][threadIdx.x];
 }
 
+// float -> double, opaque to the compiler. Written plainly, the conversion of a ring entry when
+// it leaves the window is merged with the one made when it entered, and the ring is then held in
+// double: K * M more registers (ptxas, sm_90, K = 9 forward: 229 instead of 172).
+__device__ __forceinline__ double widen(float x) {
+  double r;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x));
+  return r;
+}
+
+// Blocks per SM that ptxas must leave registers for (two: at most 128 per thread): two where the
+// kernels fit, as they did with float sums (small windows; the gradient pass of one input up to
+// K = 9, which the double sums would otherwise take to 149 registers), else one.
+template <int K, int M> constexpr int min_blocks() { return K <= 5 || (M <= 4 && K <= 9) ? 2 : 1; }
+
 template <int K, class Load, class Consume>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, (min_blocks<K, Load::M>()))
     box_stream_kernel(Shape s, int chunks, int chunk, Load load, Consume consume, float* partial) {
   constexpr int M = Load::M, R = K / 2;
   using TileT = Tile<K, M>;
@@ -237,10 +271,11 @@ __global__ void __launch_bounds__(THREADS)
   const int h = h0 + threadIdx.y, w = w0 + threadIdx.x;
   const bool inside = h < s.H && w < s.W;
   const int zend = min(s.D, d1 + R);  // slices past this are zero
-  float ring[K][M], acc[M];
+  float ring[K][M];  // the W+H sums of the last K slices, as summed into acc
+  double acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) {
-    acc[m] = 0.f;
+    acc[m] = 0.0;
 #pragma unroll
     for (int j = 0; j < K; ++j) ring[j][m] = 0.f;
   }
@@ -265,7 +300,7 @@ __global__ void __launch_bounds__(THREADS)
       }
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        acc[m] += p[m] - ring[j][m];
+        acc[m] += double(p[m]) - widen(ring[j][m]);
         ring[j][m] = p[m];
       }
       if (inside && z - R >= d0) sum += consume(s, bc, z - R, h, w, acc);
@@ -395,8 +430,7 @@ void backward_impl(const Problem& pr, const at::Tensor& grad, const at::Tensor& 
                                 need_a ? ga.data_ptr<T>() : nullptr,
                                 need_b ? gb.data_ptr<T>() : nullptr,
                                 strides_of(a), strides_of(b),
-                                strides_of(need_a ? ga : a), strides_of(need_b ? gb : b),
-                                need_a ? 4 : 1};
+                                strides_of(need_a ? ga : a), strides_of(need_b ? gb : b)};
   launch(pr.k, pr.s, l, LoadCoefs<Q>{coef.data_ptr<float>(), qstride}, consume, nullptr);
 }
 
