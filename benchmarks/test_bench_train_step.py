@@ -74,7 +74,15 @@ def _model(path: str, device) -> GVSL:
     torch.manual_seed(0)
     if path == "original":
         return OriginalGVSL(backbone=UNet3D()).to(device)
-    return GVSL(UNet3D(), ops_backend="auto" if path == "fast" else "reference").to(device)
+    model = GVSL(UNet3D(), ops_backend="auto" if path == "fast" else "reference").to(device)
+    # the fast path runs channels_last_3d, as the trainer does
+    return model.to(memory_format=torch.channels_last_3d) if path == "fast" else model
+
+
+def _layout(path: str, *xs):
+    if path != "fast":
+        return xs
+    return tuple(x.contiguous(memory_format=torch.channels_last_3d) for x in xs)
 
 
 def _step_fn(path: str, device, size, amp: bool):
@@ -87,7 +95,7 @@ def _step_fn(path: str, device, size, amp: bool):
 
     def step():
         gen.manual_seed(0)
-        a_, a_t, b_ = transforms(a, b, gen)
+        a_, a_t, b_ = _layout(path, *transforms(a, b, gen))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(a_, a_t, b_)
         out.loss.backward()
@@ -112,8 +120,8 @@ def _outside_fn(path: str, device, size):
 
     def run():
         gen.manual_seed(0)
-        a_, _, b_ = transforms(a, b, gen)
-        f = feats.clone().requires_grad_()
+        a_, _, b_ = _layout(path, *transforms(a, b, gen))
+        f = _layout(path, feats)[0].clone().requires_grad_()
         theta = theta0.clone().requires_grad_()
         flow = flow0.clone().requires_grad_()
         restored = restored0.clone().requires_grad_()

@@ -169,3 +169,22 @@ def test_errors():
         affine_warp(image[0], theta)
     with pytest.raises(ValueError, match="padding_mode"):
         affine_warp(image, theta, padding_mode="reflection")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("layout", (torch.contiguous_format, torch.channels_last_3d))
+def test_many_channels(device, backend, layout):
+    """GVSL warps 32-channel features; from 8 channels on, a channels_last image takes the CPU's
+    channel-vector loops: values, both gradients and the image gradient's layout, both layouts."""
+    torch.manual_seed(5)
+    image = torch.randn(2, 13, 6, 7, 9, device=device).contiguous(memory_format=layout)
+    theta = _theta(2, device)
+    args = [t.clone().requires_grad_() for t in (image, theta)]
+    out = affine_warp(*args, backend=backend)
+    grads = _grads(out, args)
+    assert grads[0].stride() == image.stride()
+    ref_args = [t.detach().contiguous().requires_grad_() for t in (image, theta)]
+    ref = reference.affine_warp(*ref_args)
+    _check(out, ref, device, torch.float32)
+    for g, r in zip(grads, _grads(ref, ref_args), strict=True):
+        _check(g, r, device, torch.float32)

@@ -291,3 +291,24 @@ def test_errors():
         grid_sample(image, torch.zeros(2, 4, 5, 6, 3))
     with pytest.raises(RuntimeError, match="backend 'cuda'"):
         warp(image, flow, backend="cuda")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("layout", (torch.contiguous_format, torch.channels_last_3d))
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_many_channels(device, backend, layout, padding):
+    """From 8 channels on, a channels_last image takes the CPU's channel-vector loops: values,
+    both gradients and the image gradient's layout, both layouts."""
+    torch.manual_seed(6)
+    shape = (2, 11, 6, 7, 9)
+    image = torch.randn(shape, device=device).contiguous(memory_format=layout)
+    flow = _flow(shape, device)
+    args = [t.clone().requires_grad_() for t in (image, flow)]
+    out = warp(*args, padding_mode=padding, backend=backend)
+    grads = _grads(out, args)
+    assert grads[0].stride() == image.stride()
+    ref_args = [t.detach().contiguous().requires_grad_() for t in (image, flow)]
+    ref = reference.warp(*ref_args, padding_mode=padding)
+    _check(out, ref, device, torch.float32)
+    for g, r in zip(grads, _grads(ref, ref_args), strict=True):
+        _check(g, r, device, torch.float32)

@@ -25,6 +25,15 @@ namespace gvsl::cpu {
 // loop vectorizes (with -fno-trapping-math) when the offsets I are int32_t.
 constexpr int kBlock = 32;
 
+// From this many channels on, a channels-last image is sampled voxel by voxel with the channel
+// loop vectorized: every channel of a corner is contiguous, so one stencil serves a vector of
+// channels (gathers and scatters alike; distinct channels never collide). Measured 2x faster
+// than the other loops for 32 channels; converting a contiguous image costs about that gain, so
+// contiguous images keep their own loops.
+constexpr int kChannelVector = 8;
+
+inline bool channel_vector(const Geometry& g) { return g.C >= kChannelVector && g.is[1] == 1; }
+
 // Calls f(I{}) with I = int32_t when every offset inside one image channel fits, else int64_t.
 template <typename F> void with_offset_type(const Geometry& g, F&& f) {
   int64_t last = 0;
@@ -108,6 +117,20 @@ void forward_rows(const S* img, S* out, const Geometry& g, const Src& src, int m
       for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
         const int n = std::min(kBlock, g.out_size[2] - w0);
         st.build(g, src, b, d, h, w0, n, mode, padding);
+        if (channel_vector(g)) {  // voxel by voxel, the channel loop vectorizes
+          for (int v = 0; v < n; ++v) {
+            S* ov = ob + (w0 + v) * ow;
+#pragma omp simd
+            for (int c = 0; c < g.C; ++c) {
+              T acc = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k)
+                acc += st.w[k][v] * static_cast<T>(ib[st.off[k][v] + c]);
+              ov[c * g.os[1]] = static_cast<S>(acc);
+            }
+          }
+          continue;
+        }
         // Channel-major, voxels inner: the voxel loop vectorizes (gathers), which hides the
         // latency of the 8-term sums that a voxel-major loop serializes.
         for (int c = 0; c < g.C; ++c) {
@@ -154,7 +177,38 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
     for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
       const int n = std::min(kBlock, g.out_size[2] - w0);
       st.build(g, src, b, d, h, w0, n, mode, padding);
-      if (sb) {
+      if (sb && channel_vector(g)) {
+        // Channels-last with the image gradient: voxel by voxel, the channel loop vectorizes the
+        // scatter (distinct channels never collide) and the gather alike.
+        for (int v = 0; v < n; ++v) {
+          const S* gv = gb + (w0 + v) * ow;
+          T pd = T(0), ph = T(0), pw = T(0);
+#pragma omp simd reduction(+ : pd, ph, pw)
+          for (int c = c0; c < c1; ++c) {
+            const T go = static_cast<T>(gv[c * g.os[1]]);
+            GVSL_UNROLL
+            for (int k = 0; k < 8; ++k) sb[st.off[k][v] + c] += st.w[k][v] * go;
+            if constexpr (kPos) {
+              T a = T(0), bb = T(0), cc = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k) {
+                const T val = static_cast<T>(ib[st.off[k][v] + c]);
+                a += st.dw[0][k][v] * val;
+                bb += st.dw[1][k][v] * val;
+                cc += st.dw[2][k][v] * val;
+              }
+              pd += go * a;
+              ph += go * bb;
+              pw += go * cc;
+            }
+          }
+          if constexpr (kPos) {
+            gp[0][v] = pd;
+            gp[1][v] = ph;
+            gp[2][v] = pw;
+          }
+        }
+      } else if (sb) {
         // With the image gradient (a scatter: scalar, as corners of neighbouring voxels collide),
         // voxel by voxel, each channel's scatter and gather in one pass over its corners: this
         // measured faster than separate passes for GVSL's 32-channel features.
