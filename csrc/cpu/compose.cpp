@@ -46,13 +46,22 @@ template <typename T, typename I, bool kGrad> struct ComposeBlock {
       const S* fk = fl + k * a.fs.c;
 #pragma omp simd
       for (int v = 0; v < n; ++v) {
-        q[k][v] = p_hat[k][v] + flow.value(v, fk);
-        if constexpr (kGrad) {  // the same corner loads (the compiler shares them)
-          T dx[3];
-          flow.position_grad(v, fk, dx);
-          jac[k][0][v] = dx[0];
-          jac[k][1][v] = dx[1];
-          jac[k][2][v] = dx[2];
+        T acc = T(0), x = T(0), y = T(0), z = T(0);
+        GVSL_UNROLL
+        for (int c = 0; c < 8; ++c) {
+          const T val = static_cast<T>(fk[flow.off[c][v]]);
+          acc += flow.w[c][v] * val;
+          if constexpr (kGrad) {
+            x += flow.dw[0][c][v] * val;
+            y += flow.dw[1][c][v] * val;
+            z += flow.dw[2][c][v] * val;
+          }
+        }
+        q[k][v] = p_hat[k][v] + acc;
+        if constexpr (kGrad) {
+          jac[k][0][v] = x;
+          jac[k][1][v] = y;
+          jac[k][2][v] = z;
         }
       }
     }
@@ -98,7 +107,12 @@ void forward_rows(const ComposeArgs<S>& a, S* out, const Strides5& os) {
             const S* ic = ib + c * a.is.c;
             S* oc = ob + c * os.c + w0 * os.w;
 #pragma omp simd
-            for (int v = 0; v < n; ++v) oc[v * os.w] = static_cast<S>(img.value(v, ic));
+            for (int v = 0; v < n; ++v) {
+              T acc = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k) acc += img.w[k][v] * static_cast<T>(ic[img.off[k][v]]);
+              oc[v * os.w] = static_cast<S>(acc);
+            }
           }
         } else {
           const T p[3] = {T(d), T(h), T(0)};
@@ -143,12 +157,18 @@ void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, C
           if (need.theta || need.flow) {
 #pragma omp simd
             for (int v = 0; v < n; ++v) {
-              T dx[3];
-              img.position_grad(v, ic, dx);
+              T x = T(0), y = T(0), z = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k) {
+                const T val = static_cast<T>(ic[img.off[k][v]]);
+                x += img.dw[0][k][v] * val;
+                y += img.dw[1][k][v] * val;
+                z += img.dw[2][k][v] * val;
+              }
               const T go = static_cast<T>(gc[v * gs.w]);
-              g[0][v] += go * dx[0];
-              g[1][v] += go * dx[1];
-              g[2][v] += go * dx[2];
+              g[0][v] += go * x;
+              g[1][v] += go * y;
+              g[2][v] += go * z;
             }
           }
           if (di) {  // scatter: scalar, corner-major (see d flow below)

@@ -47,29 +47,6 @@ template <typename T, typename I, bool kGrad> struct RowStencils {
   T w[8][kBlock];
   T dw[kGrad ? 3 : 1][8][kBlock];
 
-  // Interpolated value at voxel v of the channel whose (0, 0, 0) element is img[0].
-  template <typename S> GVSL_HD_INLINE T value(int v, const S* img) const {
-    T acc = T(0);
-    GVSL_UNROLL
-    for (int k = 0; k < 8; ++k) acc += w[k][v] * static_cast<T>(img[off[k][v]]);
-    return acc;
-  }
-
-  // d value / d position (d, h, w) at voxel v of that channel into g[0..2] (needs kGrad).
-  template <typename S> GVSL_HD_INLINE void position_grad(int v, const S* img, T* g) const {
-    T x = T(0), y = T(0), z = T(0);
-    GVSL_UNROLL
-    for (int k = 0; k < 8; ++k) {
-      const T val = static_cast<T>(img[off[k][v]]);
-      x += dw[0][k][v] * val;
-      y += dw[1][k][v] * val;
-      z += dw[2][k][v] * val;
-    }
-    g[0] = x;
-    g[1] = y;
-    g[2] = z;
-  }
-
   // Stencils of n index-space positions x[axis][v] in a volume of `size` voxels with element
   // strides `st` (d, h, w). Mode and padding are template arguments: no option branches per voxel.
   template <int kMode, int kPad>
@@ -144,7 +121,13 @@ void forward_rows(const S* img, S* out, const Geometry& g, const Src& src, int m
           for (int v = 0; v < n; ++v) {
             S* ov = ob + (w0 + v) * ow;
 #pragma omp simd
-            for (int c = 0; c < g.C; ++c) ov[c * g.os[1]] = static_cast<S>(st.value(v, ib + c));
+            for (int c = 0; c < g.C; ++c) {
+              T acc = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k)
+                acc += st.w[k][v] * static_cast<T>(ib[st.off[k][v] + c]);
+              ov[c * g.os[1]] = static_cast<S>(acc);
+            }
           }
           continue;
         }
@@ -154,7 +137,12 @@ void forward_rows(const S* img, S* out, const Geometry& g, const Src& src, int m
           const S* ic = ib + c * g.is[1];
           S* oc = ob + c * g.os[1] + w0 * ow;
 #pragma omp simd
-          for (int v = 0; v < n; ++v) oc[v * ow] = static_cast<S>(st.value(v, ic));
+          for (int v = 0; v < n; ++v) {
+            T acc = T(0);
+            GVSL_UNROLL
+            for (int k = 0; k < 8; ++k) acc += st.w[k][v] * static_cast<T>(ic[st.off[k][v]]);
+            oc[v * ow] = static_cast<S>(acc);
+          }
         }
       }
     }
@@ -201,11 +189,17 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
             GVSL_UNROLL
             for (int k = 0; k < 8; ++k) sb[st.off[k][v] + c] += st.w[k][v] * go;
             if constexpr (kPos) {
-              T dx[3];
-              st.position_grad(v, ib + c, dx);
-              pd += go * dx[0];
-              ph += go * dx[1];
-              pw += go * dx[2];
+              T a = T(0), bb = T(0), cc = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k) {
+                const T val = static_cast<T>(ib[st.off[k][v] + c]);
+                a += st.dw[0][k][v] * val;
+                bb += st.dw[1][k][v] * val;
+                cc += st.dw[2][k][v] * val;
+              }
+              pd += go * a;
+              ph += go * bb;
+              pw += go * cc;
             }
           }
           if constexpr (kPos) {
@@ -227,11 +221,18 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
             GVSL_UNROLL
             for (int k = 0; k < 8; ++k) sc[st.off[k][v]] += st.w[k][v] * go;
             if constexpr (kPos) {
-              T dx[3];
-              st.position_grad(v, ib + c * g.is[1], dx);
-              pd += go * dx[0];
-              ph += go * dx[1];
-              pw += go * dx[2];
+              const S* ic = ib + c * g.is[1];
+              T a = T(0), bb = T(0), cc = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k) {
+                const T val = static_cast<T>(ic[st.off[k][v]]);
+                a += st.dw[0][k][v] * val;
+                bb += st.dw[1][k][v] * val;
+                cc += st.dw[2][k][v] * val;
+              }
+              pd += go * a;
+              ph += go * bb;
+              pw += go * cc;
             }
           }
           if constexpr (kPos) {
@@ -249,12 +250,18 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
           const S* gc = gb + c * g.os[1] + w0 * ow;
 #pragma omp simd
           for (int v = 0; v < n; ++v) {
-            T dx[3];
-            st.position_grad(v, ic, dx);
+            T a = T(0), bb = T(0), cc = T(0);
+            GVSL_UNROLL
+            for (int k = 0; k < 8; ++k) {
+              const T val = static_cast<T>(ic[st.off[k][v]]);
+              a += st.dw[0][k][v] * val;
+              bb += st.dw[1][k][v] * val;
+              cc += st.dw[2][k][v] * val;
+            }
             const T go = static_cast<T>(gc[v * ow]);
-            gp[0][v] += go * dx[0];
-            gp[1][v] += go * dx[1];
-            gp[2][v] += go * dx[2];
+            gp[0][v] += go * a;
+            gp[1][v] += go * bb;
+            gp[2][v] += go * cc;
           }
         }
       }
