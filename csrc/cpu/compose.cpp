@@ -76,25 +76,32 @@ template <typename I> struct ComposeStrides {
 
 // Calls f(I{}) with the offset type of the flow and image stencils (int32_t where both fit).
 template <typename S, typename F> void with_compose_offsets(const ComposeArgs<S>& a, F&& f) {
-  int64_t last = 0;
-  const Strides5* st[2] = {&a.fs, &a.is};
-  for (const Strides5* s : st)
-    last = std::max(last, int64_t(a.size[0] - 1) * s->d + int64_t(a.size[1] - 1) * s->h +
-                              int64_t(a.size[2] - 1) * s->w);
-  if (last <= INT32_MAX) f(int32_t{});
-  else f(int64_t{});
+  cpu::with_offset_type(std::max(cpu::last_offset(a.size, a.fs.d, a.fs.h, a.fs.w),
+                                 cpu::last_offset(a.size, a.is.d, a.is.h, a.is.w)),
+                        f);
+}
+
+// The launch's sizes as the sampler's Geometry: rows (b, d, h), their split, theta's gradient.
+template <typename S> Geometry row_geometry(const ComposeArgs<S>& a) {
+  Geometry g;
+  g.B = a.batch;
+  g.C = a.channels;
+  for (int i = 0; i < 3; ++i) g.in_size[i] = g.out_size[i] = a.size[i];
+  return g;
 }
 
 template <bool kWarp, typename I, typename S>
 void forward_rows(const ComposeArgs<S>& a, S* out, const Strides5& os) {
   using T = acc_t<S>;
   const ComposeStrides<I> cs(a);
-  const int D = a.size[0], H = a.size[1], W = a.size[2];
-  at::parallel_for(0, int64_t(a.batch) * D * H, 1, [&](int64_t r0, int64_t r1) {
+  const Geometry g = row_geometry(a);
+  const int W = a.size[2];
+  at::parallel_for(0, g.rows(), 1, [&](int64_t r0, int64_t r1) {
     ComposeBlock<T, I, false> blk;
     RowStencils<T, I, false> img;
     for (int64_t r = r0; r < r1; ++r) {
-      const int h = int(r % H), d = int((r / H) % D), b = int(r / (int64_t(H) * D));
+      int b, d, h;
+      g.split(r, b, d, h);
       const AffineIndexMap<T> A = compose_map<T>(a, b);
       S* ob = out + b * os.b + d * os.d + h * os.h;
       for (int w0 = 0; w0 < W; w0 += kBlock) {
@@ -135,12 +142,14 @@ void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, C
                    acc_t<S>* df, acc_t<S>* di, acc_t<S>* moments, int64_t r0, int64_t r1) {
   using T = acc_t<S>;
   const ComposeStrides<I> cs(a);
-  const int D = a.size[0], H = a.size[1], W = a.size[2];
+  const Geometry geo = row_geometry(a);
+  const int W = a.size[2];
   ComposeBlock<T, I, true> blk;
   RowStencils<T, I, true> img;
   T g[3][kBlock];  // dL/dq
   for (int64_t r = r0; r < r1; ++r) {
-    const int h = int(r % H), d = int((r / H) % D), b = int(r / (int64_t(H) * D));
+    int b, d, h;
+    geo.split(r, b, d, h);
     const AffineIndexMap<T> A = compose_map<T>(a, b);
     const S* gb = grad + b * gs.b + d * gs.d + h * gs.h;
     T m[kMoments] = {};
@@ -223,7 +232,8 @@ std::vector<at::Tensor> backward_cpu(const ComposeArgs<S>& a, const at::Tensor& 
                                      const at::Tensor& flow, ComposeNeeds need) {
   using T = acc_t<S>;
   const auto acc = flow.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const int64_t rows = int64_t(a.batch) * a.size[0] * a.size[1];
+  const Geometry geo = row_geometry(a);
+  const int64_t rows = geo.rows();
   const int ranges = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)));
   std::vector<at::Tensor> dflow, dimage;
   for (int v = 0; v < ranges; ++v) {
@@ -250,13 +260,8 @@ std::vector<at::Tensor> backward_cpu(const ComposeArgs<S>& a, const at::Tensor& 
   for (auto* bufs : {&dflow, &dimage})
     for (size_t v = 1; v < bufs->size(); ++v) (*bufs)[0].add_((*bufs)[v]);
   const auto dtype = flow.scalar_type();
-  at::Tensor dtheta;
-  if (need.theta) {
-    Geometry geo;
-    geo.B = a.batch;
-    for (int i = 0; i < 3; ++i) geo.in_size[i] = geo.out_size[i] = a.size[i];
-    dtheta = cpu::theta_grad_cpu(moments, geo, a.align_corners, theta);
-  }
+  const at::Tensor dtheta =
+      need.theta ? cpu::theta_grad_cpu(moments, geo, a.align_corners, theta) : at::Tensor();
   const auto opts = flow.options();
   return {
       need.image ? dimage[0].to(dtype) : empty_grad(opts),

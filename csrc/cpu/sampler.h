@@ -34,12 +34,20 @@ constexpr int kChannelVector = 8;
 
 inline bool channel_vector(const Geometry& g) { return g.C >= kChannelVector && g.is[1] == 1; }
 
-// Calls f(I{}) with I = int32_t when every offset inside one image channel fits, else int64_t.
-template <typename F> void with_offset_type(const Geometry& g, F&& f) {
-  int64_t last = 0;
-  for (int i = 0; i < 3; ++i) last += int64_t(g.in_size[i] - 1) * g.is[2 + i];
+// The largest element offset inside one channel of a volume of `size` voxels, strides (d, h, w).
+inline int64_t last_offset(const int* size, int64_t sd, int64_t sh, int64_t sw) {
+  return int64_t(size[0] - 1) * sd + int64_t(size[1] - 1) * sh + int64_t(size[2] - 1) * sw;
+}
+
+// Calls f(I{}) with I = int32_t when every stencil offset (at most `last`) fits, else int64_t.
+template <typename F> void with_offset_type(int64_t last, F&& f) {
   if (last <= INT32_MAX) f(int32_t{});
   else f(int64_t{});
+}
+
+// The offset type of a sampler launch: that of the image's stencils.
+template <typename F> void with_offset_type(const Geometry& g, F&& f) {
+  with_offset_type(last_offset(g.in_size, g.is[2], g.is[3], g.is[4]), f);
 }
 
 template <typename T, typename I, bool kGrad> struct RowStencils {
