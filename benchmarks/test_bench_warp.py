@@ -75,12 +75,12 @@ def _case_a(benchmark, device, backend, shape):
            floor_seconds=BYTES_A * voxels / BANDWIDTH[torch.device(device).type])
 
 
-def _case_b(benchmark, device, backend, shape):
+def _case_b(benchmark, device, backend, shape, layout=torch.contiguous_format):
     torch.manual_seed(0)
-    image = torch.randn(shape, device=device, requires_grad=True)
+    image = torch.randn(shape, device=device).contiguous(memory_format=layout).requires_grad_()
     theta = (torch.eye(3, 4, device=device).repeat(shape[0], 1, 1)
              + 0.1 * torch.randn(shape[0], 3, 4, device=device)).requires_grad_()
-    grad_out = torch.randn(shape, device=device)
+    grad_out = torch.randn(shape, device=device).contiguous(memory_format=layout)
 
     def make_step(fn):
         return _fwd_bwd(fn, (image, theta), (image, theta), grad_out)
@@ -107,6 +107,13 @@ def test_bench_warp_flow_grad_cpu(benchmark):
 def test_bench_affine_warp_32ch_cpu(benchmark):
     _need_cpu_extension()
     _case_b(benchmark, "cpu", "cpu", (1, 32, *CPU_SPATIAL))
+
+
+def test_bench_affine_warp_32ch_channels_last_cpu(benchmark):
+    """(b) with the features channels_last_3d, as the trainer keeps them (the CPU's
+    channel-vector loops); baselines get the same layout."""
+    _need_cpu_extension()
+    _case_b(benchmark, "cpu", "cpu", (1, 32, *CPU_SPATIAL), torch.channels_last_3d)
 
 
 @pytest.mark.parametrize("backend", ("cuda", "triton"))
