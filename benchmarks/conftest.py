@@ -2,7 +2,9 @@
 
 On the GPU every timed call ends with a synchronize and inputs rotate over sets larger than L2;
 each benchmark stores shape, dtype, backend, device, bytes moved, achieved GB/s and its ratio to
-baselines timed in the same run in ``benchmark.extra_info``.
+baselines timed in the same run in ``benchmark.extra_info``. With ``--kernel-profile`` it also
+stores where a step's time goes (``extra_info["kernels"]``: torch.profiler's CUDA kernels on the
+GPU, operators on the CPU), to see which kernel keeps an op from its floor.
 """
 
 from __future__ import annotations
@@ -41,6 +43,19 @@ def median_time(fn: Callable[[], object], device, warmup: int = 1, reps: int = 5
     return statistics.median(times)
 
 
+_KERNEL_PROFILE = False
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--kernel-profile", action="store_true",
+                     help="record each timed step's per-kernel time in extra_info['kernels']")
+
+
+def pytest_configure(config) -> None:
+    global _KERNEL_PROFILE
+    _KERNEL_PROFILE = config.getoption("--kernel-profile")
+
+
 def run_benchmark(benchmark, fn: Callable[[], object], device, rounds: int = 5,
                   warmup: int = 1) -> float:
     """Time ``fn`` with pytest-benchmark (synchronized on the GPU); returns the median seconds."""
@@ -50,7 +65,33 @@ def run_benchmark(benchmark, fn: Callable[[], object], device, rounds: int = 5,
         sync(device)
 
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    if _KERNEL_PROFILE:
+        benchmark.extra_info["kernels"] = kernel_breakdown(call, device)
     return benchmark.stats.stats.median
+
+
+def kernel_breakdown(call: Callable[[], object], device, steps: int = 3,
+                     top: int = 12) -> list[dict]:
+    """The ``top`` CUDA kernels (GPU) or operators (CPU, self time) of ``call`` by time per step,
+    from torch.profiler over ``steps`` calls: name, calls and microseconds per step, share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            call()
+    rows = []
+    for e in prof.key_averages():
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0:
+            rows.append((us / steps, e.count / steps, e.key))
+    total = sum(r[0] for r in rows) or 1.0
+    rows.sort(reverse=True)
+    return [{"name": name[:120], "calls": round(calls, 2), "us": round(us, 1),
+             "share": round(us / total, 3)} for us, calls, name in rows[:top]]
 
 
 def record(benchmark, *, seconds: float, shape, dtype, backend: str, device, bytes_moved: int,

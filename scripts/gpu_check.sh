@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine: build gvsl_fast._C with the CUDA kernels, run the test suite on the GPU
-# and the benchmarks, and leave logs and pytest-benchmark JSON under $OUT (default ./gpu-out).
+# and the benchmarks (with their per-kernel time breakdown), and leave logs and pytest-benchmark
+# JSON under $OUT (default ./gpu-out).
 #   scripts/gpu_check.sh [tests|bench|all] [extra pytest -k expression for the tests]
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -25,7 +26,7 @@ if [ "$what" != bench ]; then
     2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [ "$what" != tests ]; then
-  python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider -k "gpu" \
+  python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider -k "gpu" --kernel-profile \
     --benchmark-json "$OUT/bench_gpu.json" --benchmark-columns=median,rounds \
     2>&1 | tee "$OUT/bench_gpu.log" | tail -40
 fi
