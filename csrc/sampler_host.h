@@ -7,23 +7,6 @@
 
 namespace gvsl {
 
-// Sizes and element strides of one sampler launch (image and output), for both backends.
-struct Geometry {
-  int B = 0, C = 0;
-  int in_size[3] = {0, 0, 0};       // image (D, H, W)
-  int out_size[3] = {0, 0, 0};      // output (D, H, W)
-  int64_t is[5] = {0, 0, 0, 0, 0};  // image strides (also those of the image-gradient buffer)
-  int64_t os[5] = {0, 0, 0, 0, 0};  // output (or grad_out) strides
-
-  GVSL_HD int64_t voxels() const { return int64_t(out_size[0]) * out_size[1] * out_size[2]; }
-  int64_t rows() const { return int64_t(B) * out_size[0] * out_size[1]; }
-  void split(int64_t r, int& b, int& d, int& h) const {
-    h = int(r % out_size[1]);
-    d = int((r / out_size[1]) % out_size[0]);
-    b = int(r / (int64_t(out_size[1]) * out_size[0]));
-  }
-};
-
 // `out` is any tensor of the output's shape (B, C, D', H', W').
 inline Geometry geometry(const at::Tensor& image, const at::Tensor& out) {
   Geometry g;

@@ -6,6 +6,23 @@
 
 namespace gvsl {
 
+// Sizes and element strides of one sampler launch (image and output), for both backends.
+struct Geometry {
+  int B = 0, C = 0;
+  int in_size[3] = {0, 0, 0};       // image (D, H, W)
+  int out_size[3] = {0, 0, 0};      // output (D, H, W)
+  int64_t is[5] = {0, 0, 0, 0, 0};  // image strides (also those of the image-gradient buffer)
+  int64_t os[5] = {0, 0, 0, 0, 0};  // output (or grad_out) strides
+
+  GVSL_HD int64_t voxels() const { return int64_t(out_size[0]) * out_size[1] * out_size[2]; }
+  int64_t rows() const { return int64_t(B) * out_size[0] * out_size[1]; }
+  void split(int64_t r, int& b, int& d, int& h) const {
+    h = int(r % out_size[1]);
+    d = int((r / out_size[1]) % out_size[0]);
+    b = int(r / (int64_t(out_size[1]) * out_size[0]));
+  }
+};
+
 // ---- position sources: where output voxel (b, d, h, w) samples, and where its gradient goes --
 
 enum Source : int { kFlow = 0, kGrid = 1, kAffine = 2 };
@@ -102,6 +119,49 @@ GVSL_HD void theta_grad_from_moments(const T* m, const int* out_size, const int*
       dtheta[ri * 4 + (2 - j)] = c * a * m[i * 4 + j];
     }
     dtheta[ri * 4 + 3] = c * m[i * 4 + 3];
+  }
+}
+
+// ---- one output voxel, all channels (the CUDA kernels' per-voxel bodies) -------------------
+// The stencil of the voxel's position is built once and serves every channel. The CPU loops
+// batch these steps over rows of voxels instead.
+
+// out(b, :, d, h, w) = image(b, :) sampled at src's position of output voxel (b, d, h, w).
+template <typename S, typename Src>
+GVSL_HD void sample_forward_voxel(const S* img, S* out, const Geometry& g, const Src& src,
+                                  int mode, int padding, int b, int d, int h, int w) {
+  using T = acc_t<S>;
+  T x[3];
+  src.position(b, d, h, w, x);
+  Stencil<T> s;
+  make_stencil<T, false>(x, g.in_size, g.is[2], g.is[3], g.is[4], mode, padding, s);
+  const S* ib = img + b * g.is[0];
+  S* o = out + b * g.os[0] + d * g.os[2] + h * g.os[3] + w * g.os[4];
+  for (int c = 0; c < g.C; ++c)
+    o[c * g.os[1]] = static_cast<S>(stencil_value(s, ib + c * g.is[1]));
+}
+
+// Backward of output voxel (b, d, h, w) given gout = dL/d out. kImage: scatter_image(c, offset,
+// value) for every corner of nonzero weight, offsets from the origin of channel c of batch
+// element b, in the image's strides. kPos: gp (d, h, w) = dL/d position, for the source to store
+// (flow, grid) or to fold into theta moments (affine).
+template <bool kImage, bool kPos, typename S, typename Src, typename ScatterImage>
+GVSL_HD void sample_backward_voxel(const S* img, const S* gout, const Geometry& g,
+                                   const Src& src, int mode, int padding, int b, int d, int h,
+                                   int w, ScatterImage&& scatter_image, acc_t<S>* gp) {
+  using T = acc_t<S>;
+  T x[3];
+  src.position(b, d, h, w, x);
+  Stencil<T> s;
+  make_stencil<T, kPos>(x, g.in_size, g.is[2], g.is[3], g.is[4], mode, padding, s);
+  const S* ib = img + b * g.is[0];
+  const S* go_p = gout + b * g.os[0] + d * g.os[2] + h * g.os[3] + w * g.os[4];
+  if constexpr (kPos) gp[0] = gp[1] = gp[2] = T(0);
+  for (int c = 0; c < g.C; ++c) {
+    const T go = static_cast<T>(go_p[c * g.os[1]]);
+    if constexpr (kImage)
+      stencil_scatter(s, [&](int64_t off, T wt) { scatter_image(c, off, wt * go); });
+    if constexpr (kPos) stencil_pos_grad(s, ib + c * g.is[1], go, gp);
   }
 }
 

@@ -1,5 +1,6 @@
 // CUDA kernels of the trilinear sampler shared by warp, grid_sample and affine_warp: one
-// skeleton templated on the position source (csrc/warp.h); the per-voxel math is the header's.
+// skeleton templated on the position source (csrc/warp.h). Each voxel's body is warp.h's
+// sample_forward_voxel / sample_backward_voxel; the kernels add indexing, atomics and reductions.
 // One thread per output voxel (grid.y = batch element), all channels in the thread, so the
 // stencil is built once per voxel. Backward: position gradient by gather; image gradient by
 // float atomics, or (deterministic) int64 fixed-point atomics, whose sums do not depend on order.
@@ -38,20 +39,11 @@ template <typename S, typename Src>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const S* __restrict__ img, S* __restrict__ out, Geometry g, Src src, int mode,
                    int padding) {
-  using T = acc_t<S>;
   const int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (v >= g.voxels()) return;
-  const int b = blockIdx.y;
   int d, h, w;
   decode(g, v, d, h, w);
-  T x[3];
-  src.position(b, d, h, w, x);
-  Stencil<T> s;
-  make_stencil<T, false>(x, g.in_size, g.is[2], g.is[3], g.is[4], mode, padding, s);
-  const S* ib = img + b * g.is[0];
-  S* o = out + b * g.os[0] + d * g.os[2] + h * g.os[3] + w * g.os[4];
-  for (int c = 0; c < g.C; ++c)
-    o[c * g.os[1]] = static_cast<S>(stencil_value(s, ib + c * g.is[1]));
+  sample_forward_voxel(img, out, g, src, mode, padding, int(blockIdx.y), d, h, w);
 }
 
 __device__ __forceinline__ long long to_fixed(float x) { return __float2ll_rn(x); }
@@ -95,28 +87,18 @@ __global__ void __launch_bounds__(kThreads)
   T gp[3] = {T(0), T(0), T(0)};
   if (active) {
     decode(g, v, d, h, w);
-    T x[3];
-    src.position(b, d, h, w, x);
-    Stencil<T> s;
-    make_stencil<T, kPos>(x, g.in_size, g.is[2], g.is[3], g.is[4], mode, padding, s);
-    const S* ib = img + b * g.is[0];
-    const S* go_p = gout + b * g.os[0] + d * g.os[2] + h * g.os[3] + w * g.os[4];
     const T scale = kFixed ? T(*scale_ptr) : T(1);
-    for (int c = 0; c < g.C; ++c) {
-      const T go = static_cast<T>(go_p[c * g.os[1]]);
-      if constexpr (kImage) {
-        const int64_t base = b * g.is[0] + c * g.is[1];
-        stencil_scatter(s, [&](int64_t off, T wt) {
-          if constexpr (kFixed) {
-            auto* dst = static_cast<unsigned long long*>(gimg) + base + off;
-            atomicAdd(dst, static_cast<unsigned long long>(to_fixed(wt * go * scale)));
-          } else {
-            atomicAdd(static_cast<T*>(gimg) + base + off, wt * go);
-          }
-        });
-      }
-      if constexpr (kPos) stencil_pos_grad(s, ib + c * g.is[1], go, gp);
-    }
+    sample_backward_voxel<kImage, kPos>(
+        img, gout, g, src, mode, padding, b, d, h, w,
+        [&](int c, int64_t off, T x) {
+          const int64_t i = b * g.is[0] + c * g.is[1] + off;
+          if constexpr (kFixed)
+            atomicAdd(static_cast<unsigned long long*>(gimg) + i,
+                      static_cast<unsigned long long>(to_fixed(x * scale)));
+          else
+            atomicAdd(static_cast<T*>(gimg) + i, x);
+        },
+        gp);
   }
   if constexpr (kPos) {
     if constexpr (Src::kind == kAffine) {
