@@ -9,7 +9,7 @@
 // Backward, with g = dL/dq (compose: the incoming gradient; affine_flow_warp: gathered from the
 // image at q): dL/dflow_k scatters g_k to the corners around p_hat, and
 // dL/dp_hat = g + J^T g with J the Jacobian of flow at p_hat; theta's gradient follows from
-// dL/dp_hat through accumulate_theta_grad.
+// dL/dp_hat through the theta moments of csrc/warp.h (theta_moments, theta_grad_from_moments).
 #pragma once
 #include "sampling.h"
 

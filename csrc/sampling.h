@@ -177,11 +177,6 @@ template <typename T> GVSL_HD T unnormalize(T x, int size, bool align_corners) {
 template <typename T> GVSL_HD T unnormalize_scale(int size, bool align_corners) {
   return align_corners ? T(0.5) * T(size - 1) : T(0.5) * T(size);
 }
-// Normalized coordinate of output index i (affine_grid's base grid; 0 on an axis of one voxel).
-template <typename T> GVSL_HD T base_coord(int i, int size, bool align_corners) {
-  if (size <= 1) return T(0);
-  return align_corners ? T(2 * i) / T(size - 1) - T(1) : T(2 * i + 1) / T(size) - T(1);
-}
 
 // theta (3 x 4, rows and columns in x, y, z = W, H, D order, F.affine_grid's convention)
 // folded into one index-space map: input index = m * (d, h, w) + t, in (d, h, w) order.
@@ -233,24 +228,6 @@ GVSL_HD void apply_affine(const AffineIndexMap<T>& A, int d, int h, int w, T* ou
 #pragma unroll
   for (int i = 0; i < 3; ++i)
     out[i] = A.m[i][0] * T(d) + A.m[i][1] * T(h) + A.m[i][2] * T(w) + A.t[i];
-}
-
-// Adds one voxel's contribution to d loss / d theta (12 values, row-major, xyz order), given
-// g = d loss / d (input index) in (d, h, w) order at output index p.
-template <typename T>
-GVSL_HD void accumulate_theta_grad(const T* g, int d, int h, int w, const int* out_size,
-                                   const int* in_size, bool align_corners, T* dtheta) {
-  const T n[3] = {base_coord<T>(d, out_size[0], align_corners),
-                  base_coord<T>(h, out_size[1], align_corners),
-                  base_coord<T>(w, out_size[2], align_corners)};
-#pragma unroll
-  for (int i = 0; i < 3; ++i) {
-    const int ri = 2 - i;
-    const T gi = g[i] * unnormalize_scale<T>(in_size[i], align_corners);
-#pragma unroll
-    for (int j = 0; j < 3; ++j) dtheta[ri * 4 + (2 - j)] += gi * n[j];
-    dtheta[ri * 4 + 3] += gi;
-  }
 }
 
 }  // namespace gvsl

@@ -10,37 +10,16 @@
 namespace gvsl::cuda {
 namespace {
 
-struct Sizes {
-  int out[3];
-  int in[3];
-};
-
-inline Sizes sizes_of(const at::Tensor& image) {
-  Sizes z;
-  for (int i = 0; i < 3; ++i) z.out[i] = z.in[i] = int(image.size(2 + i));
-  return z;
-}
-
 template <typename T, typename S>
-__global__ void index_maps_kernel(const S* theta, AffineIndexMap<T>* maps, int batch, Sizes z,
-                                  bool align_corners) {
+__global__ void index_maps_kernel(const S* theta, AffineIndexMap<T>* maps, int batch,
+                                  AffineSizes z, bool align_corners) {
   const int b = blockIdx.x * blockDim.x + threadIdx.x;
   if (b < batch) maps[b] = affine_index_map<T>(theta + b * 12, z.out, z.in, align_corners);
 }
 
-template <typename T, typename S>
-__global__ void theta_grad_kernel(const double* moments, S* dtheta, int batch, Sizes z,
-                                  bool align_corners) {
-  const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b >= batch) return;
-  double out[kMoments];
-  theta_grad_from_moments(moments + b * kMoments, z.out, z.in, align_corners, out);
-  for (int i = 0; i < kMoments; ++i) dtheta[b * kMoments + i] = static_cast<S>(out[i]);
-}
-
 // Maps in a byte buffer that lives as long as the returned tensor.
 template <typename T, typename S>
-at::Tensor index_maps(const at::Tensor& theta, const Sizes& z, bool align_corners) {
+at::Tensor index_maps(const at::Tensor& theta, const AffineSizes& z, bool align_corners) {
   const int batch = int(theta.size(0));
   auto buf = at::empty({int64_t(batch * sizeof(AffineIndexMap<T>))}, theta.options().dtype(at::kByte));
   const at::Tensor th = theta.contiguous();
@@ -60,7 +39,7 @@ at::Tensor affine_warp_forward(const at::Tensor& image, const at::Tensor& theta,
                                bool align_corners, bool /*deterministic*/) {
   check_theta(image, theta);
   at::Tensor out = new_output(image, image.sizes().slice(2));
-  const Sizes z = sizes_of(image);
+  const AffineSizes z = sizes_of(image);
   GVSL_DISPATCH_FAST(image.scalar_type(), "affine", [&] {
     using T = acc_t<scalar_t>;
     const at::Tensor maps = index_maps<T, scalar_t>(theta, z, align_corners);
@@ -73,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> affine_warp_backward(
     const at::Tensor& grad_out, const at::Tensor& image, const at::Tensor& theta, int64_t padding,
     bool align_corners, bool deterministic, bool image_grad, bool theta_grad) {
   check_theta(image, theta);
-  const Sizes z = sizes_of(image);
+  const AffineSizes z = sizes_of(image);
   at::Tensor gimg, gtheta;
   GVSL_DISPATCH_FAST(image.scalar_type(), "affine_bwd", [&] {
     using T = acc_t<scalar_t>;
@@ -81,15 +60,7 @@ std::tuple<at::Tensor, at::Tensor> affine_warp_backward(
     at::Tensor moments;
     gimg = launch_backward<scalar_t>(grad_out, image, affine_source<T>(maps), kBilinear,
                                      int(padding), image_grad, theta_grad, deterministic, moments);
-    if (theta_grad) {
-      const at::Tensor sums = moments.sum(1, false, at::kDouble).contiguous();
-      gtheta = at::empty({theta.size(0), 3, 4}, theta.options());
-      theta_grad_kernel<T, scalar_t><<<1, int(theta.size(0)), 0,
-                                       at::cuda::getCurrentCUDAStream()>>>(
-          sums.const_data_ptr<double>(), gtheta.data_ptr<scalar_t>(), int(theta.size(0)), z,
-          align_corners);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    if (theta_grad) gtheta = theta_grad_cuda<scalar_t>(moments, z, align_corners, theta);
   });
   return {empty_if_undefined(gimg, image), empty_if_undefined(gtheta, theta)};
 }

@@ -1,24 +1,17 @@
 // compose and affine_flow_warp on CUDA: indexing and launch only; the per-voxel math is
 // csrc/compose.h, shared with the CPU kernels. One thread per output voxel, grid (blocks, B).
-// Scatters (d flow, d image) are float atomics into fp32 buffers; d theta is reduced per block
-// into partials (B, blocks, 12) that a fixed-order sum finishes, so it is reproducible.
-#include <ATen/cuda/CUDAContext.h>
+// Scatters (d flow, d image) are float atomics into fp32 buffers; d theta goes through the
+// sampler's theta moments (csrc/warp.h): reduced per block into (B, blocks, 12) partials, then
+// summed in a fixed order (sampler.cuh's theta_grad_cuda), so it is reproducible.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "compose.h"
 #include "compose_host.h"
+#include "cuda/sampler.cuh"
 
-namespace gvsl {
+namespace gvsl::cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-// float, half and bfloat16 (float64 stays on the CPU): accumulation and atomics in float.
-#define GVSL_DISPATCH_FAST(TYPE, NAME, ...)                           \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 struct Voxel {
   int d, h, w;
@@ -37,7 +30,7 @@ __device__ __forceinline__ Voxel voxel_of(int64_t i, const int* size) {
 }
 
 template <bool kWarp, typename S>
-__global__ void forward_kernel(ComposeArgs<S> a, S* out, Strides5 os) {
+__global__ void compose_forward_kernel(ComposeArgs<S> a, S* out, Strides5 os) {
   using T = acc_t<S>;
   const int b = blockIdx.y;
   const Voxel v = voxel_of(int64_t(blockIdx.x) * blockDim.x + threadIdx.x, a.size);
@@ -48,31 +41,15 @@ __global__ void forward_kernel(ComposeArgs<S> a, S* out, Strides5 os) {
                                [&](int c, T x) { o[c * os.c] = static_cast<S>(x); });
 }
 
-// Sums 12 values over the block in a fixed order; thread j < 12 gets total j.
-__device__ __forceinline__ float block_sum12(float* v, float (*smem)[12], int j) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int k = 0; k < 12; ++k) {
-    float x = v[k];
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) x += __shfl_down_sync(0xffffffffu, x, off);
-    if (lane == 0) smem[warp][k] = x;
-  }
-  __syncthreads();
-  float total = 0.f;
-  if (j < 12)
-    for (int w = 0; w < int(blockDim.x / 32); ++w) total += smem[w][j];
-  return total;
-}
-
 template <bool kWarp, typename S>
-__global__ void backward_kernel(ComposeArgs<S> a, const S* grad, Strides5 gs, ComposeNeeds need,
-                                float* dimage, float* dflow, float* theta_partial) {
+__global__ void compose_backward_kernel(ComposeArgs<S> a, const S* grad, Strides5 gs,
+                                        ComposeNeeds need, float* dimage, float* dflow,
+                                        acc_t<S>* moments) {
   using T = acc_t<S>;
   const int b = blockIdx.y;
   const int64_t N = int64_t(a.size[0]) * a.size[1] * a.size[2];
   const Voxel v = voxel_of(int64_t(blockIdx.x) * blockDim.x + threadIdx.x, a.size);
-  float th[12] = {0.f};
+  T m[kMoments] = {};
   if (v.valid) {
     const AffineIndexMap<T> A = compose_map<T>(a, b);
     const S* go = grad + b * gs.b + v.d * gs.d + v.h * gs.h + v.w * gs.w;
@@ -82,13 +59,9 @@ __global__ void backward_kernel(ComposeArgs<S> a, const S* grad, Strides5 gs, Co
         [&](int k, int64_t off, T x) { atomicAdd(dflow + (b * 3 + k) * N + off, x); },
         [&](int c, int64_t off, T x) { atomicAdd(dimage + (b * a.channels + c) * N + off, x); },
         gp);
-    if (need.theta) accumulate_theta_grad(gp, v.d, v.h, v.w, a.size, a.size, a.align_corners, th);
+    if (need.theta) theta_moments(gp, v.d, v.h, v.w, a.size, m);
   }
-  if (!need.theta) return;
-  __shared__ float smem[kThreads / 32][12];
-  const float total = block_sum12(th, smem, threadIdx.x);
-  if (threadIdx.x < 12)
-    theta_partial[(int64_t(b) * gridDim.x + blockIdx.x) * 12 + threadIdx.x] = total;
+  if (need.theta) store_block_moments(m, moments);
 }
 
 dim3 grid_of(const at::Tensor& flow) {
@@ -106,8 +79,8 @@ at::Tensor forward_cuda(const at::Tensor& theta, const at::Tensor& flow, const a
   const int64_t channels = kWarp ? image.size(1) : 3;
   GVSL_DISPATCH_FAST(flow.scalar_type(), "compose", [&] {
     const auto a = make_args<scalar_t>(theta, flow, image, channels, align_corners, padding);
-    forward_kernel<kWarp, scalar_t><<<grid_of(flow), kThreads, 0,
-                                      at::cuda::getCurrentCUDAStream()>>>(
+    compose_forward_kernel<kWarp, scalar_t><<<grid_of(flow), kThreads, 0,
+                                              at::cuda::getCurrentCUDAStream()>>>(
         a, out.data_ptr<scalar_t>(), strides5(out));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -126,21 +99,26 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
   const auto f32 = flow.options().dtype(at::kFloat);
   at::Tensor dflow = need.flow ? at::zeros(flow.sizes(), f32) : at::Tensor();
   at::Tensor dimage = need.image ? at::zeros(image.sizes(), f32) : at::Tensor();
-  at::Tensor partial = need.theta ? at::empty({flow.size(0), grid.x, 12}, f32) : at::Tensor();
+  at::Tensor moments =
+      need.theta ? at::empty({flow.size(0), grid.x, kMoments}, f32) : at::Tensor();
+  at::Tensor dtheta;
   const int64_t channels = kWarp ? image.size(1) : 3;
   GVSL_DISPATCH_FAST(flow.scalar_type(), "compose", [&] {
     const auto a = make_args<scalar_t>(theta, flow, image, channels, align_corners, padding);
-    backward_kernel<kWarp, scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        a, grad.data_ptr<scalar_t>(), strides5(grad), need,
-        need.image ? dimage.data_ptr<float>() : nullptr,
-        need.flow ? dflow.data_ptr<float>() : nullptr,
-        need.theta ? partial.data_ptr<float>() : nullptr);
+    compose_backward_kernel<kWarp, scalar_t>
+        <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            a, grad.data_ptr<scalar_t>(), strides5(grad), need,
+            need.image ? dimage.data_ptr<float>() : nullptr,
+            need.flow ? dflow.data_ptr<float>() : nullptr,
+            need.theta ? moments.data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (need.theta)
+      dtheta = theta_grad_cuda<scalar_t>(moments, sizes_of(flow), align_corners, theta);
   });
   const auto opts = flow.options();
   return {
       need.image ? dimage.to(opts.dtype()) : empty_grad(opts),
-      need.theta ? partial.sum(1).view({flow.size(0), 3, 4}).to(opts.dtype()) : empty_grad(opts),
+      need.theta ? dtheta : empty_grad(opts),
       need.flow ? dflow.to(opts.dtype()) : empty_grad(opts),
   };
 }
@@ -175,11 +153,11 @@ std::vector<at::Tensor> affine_flow_warp_bwd_cuda(const at::Tensor& grad,
 }
 
 }  // namespace
-}  // namespace gvsl
+}  // namespace gvsl::cuda
 
 TORCH_LIBRARY_IMPL(gvsl_fast, CUDA, m) {
-  m.impl("compose_fwd", &gvsl::compose_fwd_cuda);
-  m.impl("compose_bwd", &gvsl::compose_bwd_cuda);
-  m.impl("affine_flow_warp_fwd", &gvsl::affine_flow_warp_fwd_cuda);
-  m.impl("affine_flow_warp_bwd", &gvsl::affine_flow_warp_bwd_cuda);
+  m.impl("compose_fwd", &gvsl::cuda::compose_fwd_cuda);
+  m.impl("compose_bwd", &gvsl::cuda::compose_bwd_cuda);
+  m.impl("affine_flow_warp_fwd", &gvsl::cuda::affine_flow_warp_fwd_cuda);
+  m.impl("affine_flow_warp_bwd", &gvsl::cuda::affine_flow_warp_bwd_cuda);
 }

@@ -4,7 +4,8 @@
 // One thread per output voxel (grid.y = batch element), all channels in the thread, so the
 // stencil is built once per voxel. Backward: position gradient by gather; image gradient by
 // float atomics, or (deterministic) int64 fixed-point atomics, whose sums do not depend on order.
-// theta: 12 moments reduced per block into a buffer, then summed per batch in a fixed order.
+// theta: 12 moments reduced per block into a buffer, then summed per batch in a fixed order
+// (theta_grad_cuda, also used by compose and affine_flow_warp).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -70,6 +71,42 @@ template <typename T> __device__ void store_block_moments(T* m, T* partial) {
     for (int k = 0; k < kThreads / 32; ++k) s += sh[k][threadIdx.x];
     partial[(int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kMoments + threadIdx.x] = s;
   }
+}
+
+// Output and input (D, H, W) of an affine map, by value for kernels.
+struct AffineSizes {
+  int out[3];
+  int in[3];
+};
+
+// Output and input both the spatial size of x (B, C, D, H, W): affine_warp, compose.
+inline AffineSizes sizes_of(const at::Tensor& x) {
+  AffineSizes z;
+  for (int i = 0; i < 3; ++i) z.out[i] = z.in[i] = int(x.size(2 + i));
+  return z;
+}
+
+template <typename S>
+__global__ void theta_grad_kernel(const double* moments, S* dtheta, int batch, AffineSizes z,
+                                  bool align_corners) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= batch) return;
+  double out[kMoments];
+  theta_grad_from_moments(moments + b * kMoments, z.out, z.in, align_corners, out);
+  for (int i = 0; i < kMoments; ++i) dtheta[b * kMoments + i] = static_cast<S>(out[i]);
+}
+
+// d theta (B, 3, 4), in theta's dtype S, of per-block moments (B, blocks, 12): the blocks summed
+// in a fixed order in double (reproducible), then turned into d theta by csrc/warp.h.
+template <typename S>
+at::Tensor theta_grad_cuda(const at::Tensor& moments, const AffineSizes& z, bool align_corners,
+                           const at::Tensor& theta) {
+  const at::Tensor sums = moments.sum(1, false, at::kDouble).contiguous();
+  at::Tensor dtheta = at::empty({theta.size(0), 3, 4}, theta.options());
+  theta_grad_kernel<S><<<1, int(theta.size(0)), 0, at::cuda::getCurrentCUDAStream()>>>(
+      sums.const_data_ptr<double>(), dtheta.data_ptr<S>(), int(theta.size(0)), z, align_corners);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dtheta;
 }
 
 // Image gradient into `gimg` (acc_t<S>, or int64 fixed point with kFixed, image strides);
