@@ -101,10 +101,11 @@ __global__ void theta_grad_kernel(const double* moments, S* dtheta, int batch, A
 template <typename S>
 at::Tensor theta_grad_cuda(const at::Tensor& moments, const AffineSizes& z, bool align_corners,
                            const at::Tensor& theta) {
+  const int batch = int(theta.size(0));
   const at::Tensor sums = moments.sum(1, false, at::kDouble).contiguous();
-  at::Tensor dtheta = at::empty({theta.size(0), 3, 4}, theta.options());
-  theta_grad_kernel<S><<<1, int(theta.size(0)), 0, at::cuda::getCurrentCUDAStream()>>>(
-      sums.const_data_ptr<double>(), dtheta.data_ptr<S>(), int(theta.size(0)), z, align_corners);
+  at::Tensor dtheta = at::empty({batch, 3, 4}, theta.options());
+  theta_grad_kernel<S><<<(batch + 127) / 128, 128, 0, at::cuda::getCurrentCUDAStream()>>>(
+      sums.const_data_ptr<double>(), dtheta.data_ptr<S>(), batch, z, align_corners);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dtheta;
 }
