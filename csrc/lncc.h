@@ -52,11 +52,12 @@ GVSL_HD double gmax(double x, double y) { return x > y ? x : y; }
 
 // cc = cross^2 / (Ivar Jvar + eps) (gvsl, voxelmorph), or MONAI's
 // (cross^2 + smooth_nr) / (max(Ivar, eps) max(Jvar, eps)). Zero variance gives a finite cc.
+// Written with the quotients lncc_coefs also forms, so that a loop computing both divides once.
 template <typename T> GVSL_HD T lncc_cc(const LnccStats<T>& s, const LnccParams<T>& p) {
   if (p.preset == kLnccMonai) {
-    return (s.cross * s.cross + p.smooth_nr) / (gmax(s.ivar, p.eps) * gmax(s.jvar, p.eps));
+    return (s.cross * s.cross + p.smooth_nr) * (T(1) / (gmax(s.ivar, p.eps) * gmax(s.jvar, p.eps)));
   }
-  return s.cross * s.cross / (s.ivar * s.jvar + p.eps);
+  return s.cross / (s.ivar * s.jvar + p.eps) * s.cross;
 }
 
 // The per-voxel term that mean/sum reduce: 1 - cc (gvsl) or -cc (voxelmorph, monai).
@@ -76,10 +77,11 @@ GVSL_HD LnccCoefs<T> lncc_coefs(const LnccStats<T>& s, T g, const LnccParams<T>&
   LnccCoefs<T> k;
   if (p.preset == kLnccMonai) {
     const T iv = gmax(s.ivar, p.eps), jv = gmax(s.jvar, p.eps);
-    const T cc = (s.cross * s.cross + p.smooth_nr) / (iv * jv);
-    k.a = T(2) * g * s.cross / (iv * jv);
-    k.b = s.ivar >= p.eps ? T(2) * g * cc / iv : T(0);
-    k.c = s.jvar >= p.eps ? T(2) * g * cc / jv : T(0);
+    const T inv = T(1) / (iv * jv);  // one division: 1/iv = jv * inv, 1/jv = iv * inv
+    const T cc = (s.cross * s.cross + p.smooth_nr) * inv;
+    k.a = T(2) * g * s.cross * inv;
+    k.b = s.ivar >= p.eps ? T(2) * g * cc * jv * inv : T(0);
+    k.c = s.jvar >= p.eps ? T(2) * g * cc * iv * inv : T(0);
   } else {
     const T den = s.ivar * s.jvar + p.eps;
     const T r = s.cross / den;

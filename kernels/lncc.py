@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gvsl_fast.ops.lncc import make_backward, setup_context
+from gvsl_fast.ops.lncc import forward_fake, make_backward, setup_context
 
 GVSL, VOXELMORPH, MONAI = 0, 1, 2  # csrc/lncc.h LnccPreset
 NONE, MEAN, SUM = 0, 1, 2  # csrc/lncc.h LnccReduction
@@ -141,13 +141,15 @@ def _coef_kernel(s_ptr, g_ptr, c_ptr, N, n, eps, smooth_nr, PRESET: tl.constexpr
 
 
 @triton.jit
-def _grad_kernel(box_ptr, a_ptr, b_ptr, ga_ptr, gb_ptr, N, NEED_A: tl.constexpr,
+def _grad_kernel(box_ptr, a_ptr, b_ptr, scale_ptr, ga_ptr, gb_ptr, N, NEED_A: tl.constexpr,
                  NEED_B: tl.constexpr, BLOCK: tl.constexpr):
-    """dL/dI = J Box(a) - Box(a muJ) - I Box(b) + Box(b muI); likewise for dL/dJ. In float64, from
-    the float64 window sums (lncc_grad<double> of csrc/lncc.h: its terms cancel where the
-    images are smooth), stored through float32 (the interpreter mangles float64 -> bfloat16)."""
+    """dL/dI = J Box(a) - Box(a muJ) - I Box(b) + Box(b muI); likewise for dL/dJ; times the
+    scalar at scale_ptr. In float64, from the float64 window sums (lncc_grad<double> of
+    csrc/lncc.h: its terms cancel where the images are smooth), stored through float32 (the
+    interpreter mangles float64 -> bfloat16)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
+    scale = tl.load(scale_ptr).to(tl.float64)
     i = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32).to(tl.float64)
     j = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32).to(tl.float64)
     box_a = tl.load(box_ptr + offs, mask=m, other=0.0)
@@ -156,14 +158,14 @@ def _grad_kernel(box_ptr, a_ptr, b_ptr, ga_ptr, gb_ptr, N, NEED_A: tl.constexpr,
         amu = tl.load(box_ptr + N + offs, mask=m, other=0.0)
         bb = tl.load(box_ptr + 2 * N + offs, mask=m, other=0.0)
         bmu = tl.load(box_ptr + 3 * N + offs, mask=m, other=0.0)
-        ga = (j * box_a - amu - i * bb + bmu).to(tl.float32)
+        ga = (scale * (j * box_a - amu - i * bb + bmu)).to(tl.float32)
         tl.store(ga_ptr + offs, ga.to(ga_ptr.dtype.element_ty), mask=m)
         q = 4
     if NEED_B:
         amu = tl.load(box_ptr + q * N + offs, mask=m, other=0.0)
         cb = tl.load(box_ptr + (q + 1) * N + offs, mask=m, other=0.0)
         cmu = tl.load(box_ptr + (q + 2) * N + offs, mask=m, other=0.0)
-        gb = (i * box_a - amu - j * cb + cmu).to(tl.float32)
+        gb = (scale * (i * box_a - amu - j * cb + cmu)).to(tl.float32)
         tl.store(gb_ptr + offs, gb.to(gb_ptr.dtype.element_ty), mask=m)
 
 
@@ -193,51 +195,69 @@ def _window_sums(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
 
 @torch.library.custom_op("gvsl_fast::lncc_triton_forward", mutates_args=())
 def lncc_forward(a: torch.Tensor, b: torch.Tensor, window: int, eps: float, preset: int,
-                 smooth_nr: float, reduction: int) -> torch.Tensor:
+                 smooth_nr: float, reduction: int, need_a: bool,
+                 need_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the cc map or the loss, the coefficient maps for a unit dL/dcc where the loss is reduced
+    and an input needs a gradient): as the CPU and CUDA ops."""
     a, b = a.contiguous(), b.contiguous()
     N = a.numel()
+    n = float(window**3)
     s = _window_sums(a, b, window)
     grid = (triton.cdiv(N, BLOCK),)
     if reduction == NONE:
         out = a.new_empty(a.shape)
-        _cc_kernel[grid](s, out, out, N, float(window**3), eps, smooth_nr, PRESET=preset,
-                         MAP=True, BLOCK=BLOCK)
-        return out
+        _cc_kernel[grid](s, out, out, N, n, eps, smooth_nr, PRESET=preset, MAP=True, BLOCK=BLOCK)
+        return out, a.new_empty(0)
     partial = torch.empty(grid[0], device=a.device, dtype=torch.float32)
-    _cc_kernel[grid](s, partial, partial, N, float(window**3), eps, smooth_nr, PRESET=preset,
-                     MAP=False, BLOCK=BLOCK)
+    _cc_kernel[grid](s, partial, partial, N, n, eps, smooth_nr, PRESET=preset, MAP=False,
+                     BLOCK=BLOCK)
     total = partial.double().sum()  # a fixed-order reduction
     if reduction == MEAN:
         total = total / N
-    return total.float()
+    coef = partial.new_empty(0)
+    if need_a or need_b:
+        coef = _coefs(s, torch.ones(1, device=a.device), a, window, eps, preset, smooth_nr,
+                      need_a, need_b)
+    return total.float(), coef
 
 
-@lncc_forward.register_fake
-def _(a, b, window, eps, preset, smooth_nr, reduction):
-    return a.new_empty(a.shape) if reduction == NONE else a.new_empty((), dtype=torch.float32)
+lncc_forward.register_fake(forward_fake)
+
+
+def _coefs(s, g, a, window, eps, preset, smooth_nr, need_a, need_b):
+    """The coefficient maps (Q, B*C, D, H, W) for dL/dcc = g (a map, or one value) from the
+    window sums."""
+    N = a.numel()
+    scalar = g.numel() == 1
+    g = g.reshape(1) if scalar else g.contiguous()
+    Q = 1 + 3 * need_a + 3 * need_b
+    coef = torch.empty((Q, N), device=a.device, dtype=torch.float32)
+    _coef_kernel[(triton.cdiv(N, BLOCK),)](s, g, coef, N, float(window**3), eps, smooth_nr,
+                                           PRESET=preset, G_SCALAR=scalar, NEED_A=need_a,
+                                           NEED_B=need_b, BLOCK=BLOCK)
+    B, C, D, H, W = a.shape
+    return coef.view(Q, B * C, D, H, W)
 
 
 @torch.library.custom_op("gvsl_fast::lncc_triton_backward", mutates_args=())
-def lncc_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, window: int, eps: float,
-                  preset: int, smooth_nr: float, need_a: bool,
+def lncc_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor,
+                  window: int, eps: float, preset: int, smooth_nr: float, need_a: bool,
                   need_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """dL/da, dL/db: from the forward's coefficient maps scaled by the scalar ``grad``, or (no
+    maps: reduction none) from maps recomputed for the dL/dcc map ``grad``."""
     ga, gb = _grad_buffers(a, b, need_a, need_b)
     if not (need_a or need_b):
         return ga, gb
     a, b = a.contiguous(), b.contiguous()
-    N = a.numel()
     D, H, W = a.shape[2:]
-    scalar = grad.stride() == (0,) * grad.dim()
-    g = grad.as_strided((1,), (1,)) if scalar else grad.contiguous()
-    Q = 1 + 3 * need_a + 3 * need_b
-    s = _window_sums(a, b, window)
-    coef = torch.empty((Q, N), device=a.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, BLOCK),)
-    _coef_kernel[grid](s, g, coef, N, float(window**3), eps, smooth_nr, PRESET=preset,
-                       G_SCALAR=scalar, NEED_A=need_a, NEED_B=need_b, BLOCK=BLOCK)
-    del s
+    scale = grad.reshape(1).float() if coef.numel() else torch.ones(1, device=a.device)
+    if not coef.numel():
+        coef = _coefs(_window_sums(a, b, window), grad, a, window, eps, preset, smooth_nr,
+                      need_a, need_b)
     box = _box(coef.view(-1, D, H, W), window)
-    _grad_kernel[grid](box, a, b, ga, gb, N, NEED_A=need_a, NEED_B=need_b, BLOCK=BLOCK)
+    N = a.numel()
+    _grad_kernel[(triton.cdiv(N, BLOCK),)](box, a, b, scale, ga, gb, N, NEED_A=need_a,
+                                           NEED_B=need_b, BLOCK=BLOCK)
     return ga, gb
 
 
@@ -249,7 +269,7 @@ def _grad_buffers(a, b, need_a, need_b):
 
 
 @lncc_backward.register_fake
-def _(grad, a, b, window, eps, preset, smooth_nr, need_a, need_b):
+def _(grad, a, b, coef, window, eps, preset, smooth_nr, need_a, need_b):
     return _grad_buffers(a, b, need_a, need_b)
 
 

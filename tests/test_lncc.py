@@ -203,6 +203,29 @@ def test_gradcheck_cpu(preset, reduction):
     assert torch.autograd.gradcheck(fn, (a, b))
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
+def test_forward_leaves_maps_only_when_needed(device, backend):
+    """A reduced loss whose input needs a gradient leaves the backward's coefficient maps (1 + 3
+    per such input), so the backward box-sums only them; without grad or for the cc map, none.
+    Both backward paths (saved maps for mean, recomputed maps for none) give one gradient."""
+    op = torch.ops.gvsl_fast.lncc_forward
+    if backend == "triton":
+        from gvsl_fast.kernels import lncc as triton_lncc
+
+        op = triton_lncc.lncc_forward
+    a, b = volumes((2, 3, 6, 7, 8), device)
+    for reduction, need, maps in ((1, (True, False), 4), (2, (True, True), 7),
+                                  (1, (False, False), 0), (0, (True, True), 0)):
+        _, coef = op(a, b, 3, 1e-5, 0, 0.0, reduction, *need)
+        assert coef.shape == ((maps, 6, 6, 7, 8) if maps else (0,))
+    mean = run(lambda x, y: lncc(x, y, 3, backend=backend), a, b, "mean")
+    up = torch.full_like(a, 1.0 / a.numel())
+    x, y = (t.detach().clone().requires_grad_() for t in (a, b))
+    (-lncc(x, y, 3, reduction="none", backend=backend) * up).sum().backward()
+    for got, want in zip(mean[1:], (x.grad, y.grad), strict=True):
+        assert rel_err(got, want) <= 1e-6
+
+
 def test_torch_compile_cpu():
     a, b = volumes((1, 2, 6, 7, 8), "cpu")
     a.requires_grad_(True)

@@ -12,6 +12,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "lncc.h"
@@ -197,15 +199,20 @@ gvsl::LnccStats<double> stats_at(const double* P, int64_t HW, int64_t i, double 
                                   n);
 }
 
-template <typename T, typename S>
-at::Tensor lncc_forward_impl(const Geometry& g, const LnccParams<double>& p, const at::Tensor& a,
-                             const at::Tensor& b, int64_t reduction) {
-  const bool map = reduction == gvsl::kLnccNone;
-  const int64_t HW = g.H * g.W;
-  at::Tensor out =
-      map ? at::empty_like(a) : at::empty({}, a.options().dtype(c10::CppTypeToScalarType<S>::value));
-  const Strides so = strides_of(map ? out : a);
-  T* po = map ? out.data_ptr<T>() : nullptr;
+// One pass over the forward window sums. Per voxel, as asked: the cc map (`cc`), the loss terms
+// (kLoss: their sum is returned), and the Q coefficient maps (`coef`) for dL/dcc = `grad` (a map
+// in the accumulation dtype), or 1 where `grad` is null: the maps are linear in dL/dcc, which mean
+// and sum make one scalar, so the forward can leave them for the backward to scale.
+template <int Q, bool kLoss, int kPreset, typename T, typename S>
+double stats_pass(const Geometry& g, const LnccParams<double>& params, const at::Tensor& a,
+                  const at::Tensor& b, const at::Tensor& cc, const at::Tensor& grad,
+                  const at::Tensor& coef, bool need_a, bool need_b) {
+  const int64_t HW = g.H * g.W, DHW = g.D * HW, qstride = g.B * g.C * DHW;
+  T* po = cc.defined() ? cc.data_ptr<T>() : nullptr;
+  const Strides so = strides_of(cc.defined() ? cc : a);
+  const S* pg = grad.defined() ? grad.data_ptr<S>() : nullptr;
+  const Strides sg = strides_of(grad.defined() ? grad : a);
+  S* pc = coef.defined() ? coef.data_ptr<S>() : nullptr;
   std::vector<double> partial(g.B * g.C * g.D, 0.0);
   const int64_t tasks = for_chunks<gvsl::kLnccSums, S>(
       g.B * g.C, g.D, g.H, g.W, g.k,
@@ -214,6 +221,8 @@ at::Tensor lncc_forward_impl(const Geometry& g, const LnccParams<double>& p, con
         auto load = load_inputs<T, S>(a, b, bi, ci);
         double sum = 0.0;
         auto consume = [&](int64_t d, const double* P) {
+          // a local copy with the preset a constant: the loops below compile one formula
+          const LnccParams<double> p{params.n, params.eps, params.smooth_nr, kPreset};
           for (int64_t h = 0; h < g.H; ++h) {
             const double* Ph = P + h * g.W;
             if (po) {
@@ -222,71 +231,45 @@ at::Tensor lncc_forward_impl(const Geometry& g, const LnccParams<double>& p, con
               for (int64_t w = 0; w < g.W; ++w) {
                 o[w * so.w] = T(gvsl::lncc_cc(stats_at(Ph, HW, w, p.n), p));
               }
-            } else {
-              double row = 0.0;
+            }
+            double row = 0.0;
+            if (pc) {
+              const S* gh = pg ? pg + bi * sg.b + ci * sg.c + d * sg.d + h * sg.h : nullptr;
+              S* cp = pc + bc * DHW + d * HW + h * g.W;
+#pragma omp simd reduction(+ : row)
+              for (int64_t w = 0; w < g.W; ++w) {
+                const auto st = stats_at(Ph, HW, w, p.n);
+                if constexpr (kLoss) row += gvsl::lncc_term(gvsl::lncc_cc(st, p), p.preset);
+                const auto k = gvsl::lncc_coefs(st, gh ? double(gh[w * sg.w]) : 1.0, p);
+                double maps[7];
+                gvsl::lncc_coef_maps(st, k, need_a, need_b, maps);
+                for (int q = 0; q < Q; ++q) cp[q * qstride + w] = S(maps[q]);
+              }
+            } else if (kLoss) {
 #pragma omp simd reduction(+ : row)
               for (int64_t w = 0; w < g.W; ++w) {
                 row += gvsl::lncc_term(gvsl::lncc_cc(stats_at(Ph, HW, w, p.n), p), p.preset);
               }
-              sum += row;
             }
+            sum += row;
           }
         };
         stream.run(g.D, d0, d1, load, consume);
         partial[t] = sum;
       });
-  if (!map) {
-    double total = 0.0;
-    for (int64_t t = 0; t < tasks; ++t) total += partial[t];
-    if (reduction == gvsl::kLnccMean) total /= double(a.numel());
-    out.fill_(total);
-  }
-  return out;
+  double total = 0.0;
+  for (int64_t t = 0; t < tasks; ++t) total += partial[t];  // a fixed order
+  return total;
 }
 
-at::Tensor lncc_forward_cpu(const at::Tensor& a, const at::Tensor& b, int64_t window, double eps,
-                            int64_t preset, double smooth_nr, int64_t reduction) {
-  const Geometry g = check_inputs(a, b, window);
-  const auto p = params_of(window, eps, preset, smooth_nr);
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lncc_forward",
-                                         [&] {
-    return lncc_forward_impl<scalar_t, gvsl::acc_t<scalar_t>>(g, p, a, b, reduction);
-  });
-}
-
-// dL/da and dL/db (where their tensors are non-empty) from g = dL/dcc, with Q coefficient maps.
+// The gradients from the Q coefficient maps: box-sum them (the box is its own adjoint) and
+// combine, times `scale`, into dL/da and dL/db where their tensors are non-empty.
 template <int Q, typename T, typename S>
-void lncc_backward_impl(const Geometry& g, const LnccParams<double>& p, const at::Tensor& grad,
-                        const at::Tensor& a, const at::Tensor& b, at::Tensor& ga, at::Tensor& gb) {
+void grad_pass(const Geometry& g, const at::Tensor& coef, double scale, const at::Tensor& a,
+               const at::Tensor& b, at::Tensor& ga, at::Tensor& gb) {
   const bool need_a = ga.numel() > 0, need_b = gb.numel() > 0;
   const int64_t HW = g.H * g.W, DHW = g.D * HW, qstride = g.B * g.C * DHW;
-  at::Tensor coef = at::empty({Q, g.B * g.C, g.D, g.H, g.W}, grad.options());
-  S* pc = coef.data_ptr<S>();
-  const S* pg = grad.data_ptr<S>();
-  const Strides sg = strides_of(grad);
-  // Pass 1: the forward window sums give the per-voxel coefficient maps.
-  for_chunks<gvsl::kLnccSums, S>(
-      g.B * g.C, g.D, g.H, g.W, g.k, [&](auto& stream, int64_t bc, int64_t d0, int64_t d1, int64_t) {
-        const int64_t bi = bc / g.C, ci = bc % g.C;
-        auto load = load_inputs<T, S>(a, b, bi, ci);
-        auto consume = [&](int64_t d, const double* P) {
-          for (int64_t h = 0; h < g.H; ++h) {
-            const double* Ph = P + h * g.W;
-            const S* gp = pg + bi * sg.b + ci * sg.c + d * sg.d + h * sg.h;
-            S* cp = pc + bc * DHW + d * HW + h * g.W;
-#pragma omp simd
-            for (int64_t w = 0; w < g.W; ++w) {
-              const auto st = stats_at(Ph, HW, w, p.n);
-              const auto k = gvsl::lncc_coefs(st, double(gp[w * sg.w]), p);
-              double maps[Q];
-              gvsl::lncc_coef_maps(st, k, need_a, need_b, maps);
-              for (int q = 0; q < Q; ++q) cp[q * qstride + w] = S(maps[q]);
-            }
-          }
-        };
-        stream.run(g.D, d0, d1, load, consume);
-      });
-  // Pass 2: box-sum the maps (the box is its own adjoint) and combine them into the gradients.
+  const S* pc = coef.data_ptr<S>();
   const Strides sa = strides_of(a), sb = strides_of(b);
   const Strides sga = strides_of(need_a ? ga : a), sgb = strides_of(need_b ? gb : b);
   const T *pa = a.data_ptr<T>(), *pb = b.data_ptr<T>();
@@ -312,16 +295,18 @@ void lncc_backward_impl(const Geometry& g, const LnccParams<double>& p, const at
           T* o = pga + bi * sga.b + ci * sga.c + d * sga.d + h * sga.h;
 #pragma omp simd
           for (int64_t w = 0; w < g.W; ++w) {
-            o[w * sga.w] = T(gvsl::lncc_grad(double(ah[w * sa.w]), double(bh[w * sb.w]), Ph[w],
-                                             Ph[HW + w], Ph[2 * HW + w], Ph[3 * HW + w]));
+            o[w * sga.w] = T(scale * gvsl::lncc_grad(double(ah[w * sa.w]), double(bh[w * sb.w]),
+                                                     Ph[w], Ph[HW + w], Ph[2 * HW + w],
+                                                     Ph[3 * HW + w]));
           }
         }
         if (pgb) {
           T* o = pgb + bi * sgb.b + ci * sgb.c + d * sgb.d + h * sgb.h;
 #pragma omp simd
           for (int64_t w = 0; w < g.W; ++w) {
-            o[w * sgb.w] = T(gvsl::lncc_grad(double(bh[w * sb.w]), double(ah[w * sa.w]), Ph[w],
-                                             Ph[jo + w], Ph[jo + HW + w], Ph[jo + 2 * HW + w]));
+            o[w * sgb.w] = T(scale * gvsl::lncc_grad(double(bh[w * sb.w]), double(ah[w * sa.w]),
+                                                     Ph[w], Ph[jo + w], Ph[jo + HW + w],
+                                                     Ph[jo + 2 * HW + w]));
           }
         }
       }
@@ -330,25 +315,99 @@ void lncc_backward_impl(const Geometry& g, const LnccParams<double>& p, const at
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad, const at::Tensor& a,
-                                                     const at::Tensor& b, int64_t window,
-                                                     double eps, int64_t preset, double smooth_nr,
-                                                     bool need_a, bool need_b) {
+// Q coefficient maps of one (B*C, D, H, W) volume each, in the accumulation dtype.
+at::Tensor coef_buffer(const Geometry& g, int Q, const at::Tensor& a) {
+  const auto acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::empty({Q, g.B * g.C, g.D, g.H, g.W}, a.options().dtype(acc));
+}
+
+// Calls f(std::integral_constant<int, preset>).
+template <class F> void with_preset(int64_t preset, F&& f) {
+  switch (preset) {
+    case gvsl::kLnccGvsl: return f(std::integral_constant<int, gvsl::kLnccGvsl>());
+    case gvsl::kLnccVoxelmorph: return f(std::integral_constant<int, gvsl::kLnccVoxelmorph>());
+    case gvsl::kLnccMonai: return f(std::integral_constant<int, gvsl::kLnccMonai>());
+  }
+  TORCH_CHECK(false, "lncc: unknown preset ", preset);
+}
+
+// Calls f(std::integral_constant<int, Q>) with Q = 1 + 3 per input that needs a gradient.
+template <class F> void with_maps(bool need_a, bool need_b, F&& f) {
+  if (need_a && need_b) {
+    f(std::integral_constant<int, 7>());
+  } else {
+    f(std::integral_constant<int, 4>());
+  }
+}
+
+// Returns (the cc map or the loss, the coefficient maps for a unit dL/dcc): the maps only for a
+// reduced loss with an input that needs a gradient, else empty.
+std::tuple<at::Tensor, at::Tensor> lncc_forward_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                    int64_t window, double eps, int64_t preset,
+                                                    double smooth_nr, int64_t reduction,
+                                                    bool need_a, bool need_b) {
   const Geometry g = check_inputs(a, b, window);
-  TORCH_CHECK(grad.sizes() == a.sizes(), "lncc_backward: grad must have the shape of a");
+  const auto p = params_of(window, eps, preset, smooth_nr);
+  const bool map = reduction == gvsl::kLnccNone, maps = !map && (need_a || need_b);
+  const auto acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = map ? at::empty_like(a) : at::empty({}, a.options().dtype(acc));
+  at::Tensor coef =
+      maps ? coef_buffer(g, 1 + 3 * need_a + 3 * need_b, a) : at::empty({0}, out.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lncc_forward", [&] {
+    using S = gvsl::acc_t<scalar_t>;
+    double total = 0.0;
+    with_preset(preset, [&](auto k) {
+      constexpr int kP = decltype(k)::value;
+      if (map) {
+        stats_pass<1, false, kP, scalar_t, S>(g, p, a, b, out, {}, {}, false, false);
+      } else if (maps) {
+        with_maps(need_a, need_b, [&](auto q) {
+          total = stats_pass<decltype(q)::value, true, kP, scalar_t, S>(g, p, a, b, {}, {}, coef,
+                                                                        need_a, need_b);
+        });
+      } else {
+        total = stats_pass<1, true, kP, scalar_t, S>(g, p, a, b, {}, {}, {}, false, false);
+      }
+    });
+    if (!map) out.fill_(reduction == gvsl::kLnccMean ? total / double(a.numel()) : total);
+  });
+  return {out, coef};
+}
+
+// dL/da and dL/db for the inputs that need them. With the forward's coefficient maps `coef`,
+// `grad` is the scalar dL/dcc that scales them; without (reduction none), `grad` is the dL/dcc
+// map and the maps are recomputed from the inputs first.
+std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad, const at::Tensor& a,
+                                                     const at::Tensor& b, const at::Tensor& coef,
+                                                     int64_t window, double eps, int64_t preset,
+                                                     double smooth_nr, bool need_a, bool need_b) {
+  const Geometry g = check_inputs(a, b, window);
   const auto p = params_of(window, eps, preset, smooth_nr);
   at::Tensor ga = need_a ? at::empty_like(a) : at::empty({0}, a.options());
   at::Tensor gb = need_b ? at::empty_like(b) : at::empty({0}, b.options());
   if (!need_a && !need_b) return {ga, gb};
+  const int Q = 1 + 3 * need_a + 3 * need_b;
+  const bool saved = coef.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lncc_backward", [&] {
     using S = gvsl::acc_t<scalar_t>;
     TORCH_CHECK(grad.scalar_type() == c10::CppTypeToScalarType<S>::value,
                 "lncc_backward: grad must be in the accumulation dtype");
-    if (need_a && need_b) {
-      lncc_backward_impl<7, scalar_t, S>(g, p, grad, a, b, ga, gb);
-    } else {
-      lncc_backward_impl<4, scalar_t, S>(g, p, grad, a, b, ga, gb);
-    }
+    TORCH_CHECK(saved ? grad.numel() == 1 : grad.sizes() == a.sizes(),
+                "lncc_backward: grad must be a scalar with coef, else a map of a's shape");
+    TORCH_CHECK(!saved || (coef.size(0) == Q && coef.scalar_type() == grad.scalar_type()),
+                "lncc_backward: coef must hold the maps of the inputs that need gradients");
+    with_maps(need_a, need_b, [&](auto q) {
+      if (saved) {
+        grad_pass<decltype(q)::value, scalar_t, S>(g, coef, grad.item<double>(), a, b, ga, gb);
+      } else {
+        const at::Tensor maps = coef_buffer(g, Q, a);
+        with_preset(preset, [&](auto k) {
+          stats_pass<decltype(q)::value, false, decltype(k)::value, scalar_t, S>(
+              g, p, a, b, {}, grad, maps, need_a, need_b);
+        });
+        grad_pass<decltype(q)::value, scalar_t, S>(g, maps, 1.0, a, b, ga, gb);
+      }
+    });
   });
   return {ga, gb};
 }
@@ -358,10 +417,10 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad, con
 TORCH_LIBRARY_FRAGMENT(gvsl_fast, m) {
   m.def(
       "lncc_forward(Tensor a, Tensor b, int window, float eps, int preset, float smooth_nr, "
-      "int reduction) -> Tensor");
+      "int reduction, bool need_a, bool need_b) -> (Tensor, Tensor)");
   m.def(
-      "lncc_backward(Tensor grad, Tensor a, Tensor b, int window, float eps, int preset, "
-      "float smooth_nr, bool need_a, bool need_b) -> (Tensor, Tensor)");
+      "lncc_backward(Tensor grad, Tensor a, Tensor b, Tensor coef, int window, float eps, "
+      "int preset, float smooth_nr, bool need_a, bool need_b) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gvsl_fast, CPU, m) {

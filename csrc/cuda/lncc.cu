@@ -22,6 +22,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <tuple>
+#include <type_traits>
+
 #include "lncc.h"
 
 namespace {
@@ -110,7 +113,9 @@ template <typename T> struct ConsumeCC {
   }
 };
 
-// Backward pass 1: the coefficient maps from g = dL/dcc.
+// The coefficient maps from g = dL/dcc: a map (backward of reduction none), or null for a unit
+// dL/dcc (the forward of a reduced loss, which also returns each voxel's loss term: the maps are
+// linear in the scalar dL/dcc, so the backward only scales their window sums).
 template <int Q> struct ConsumeCoefs {
   LnccParams<float> p;
   const float* g;
@@ -120,22 +125,23 @@ template <int Q> struct ConsumeCoefs {
   bool need_a, need_b;
   __device__ float operator()(const Shape& s, int bc, int d, int h, int w, const double* S) const {
     const auto st = stats_of(S, p);
-    const auto k = gvsl::lncc_coefs(st, g[s.at(sg, bc, d, h, w)], p);
-    float maps[Q];
+    const auto k = gvsl::lncc_coefs(st, g ? g[s.at(sg, bc, d, h, w)] : 1.f, p);
+    float maps[7];
     gvsl::lncc_coef_maps(st, k, need_a, need_b, maps);
     const int64_t i = ((int64_t(bc) * s.D + d) * s.H + h) * s.W + w;
 #pragma unroll
     for (int q = 0; q < Q; ++q) coef[q * qstride + i] = maps[q];
-    return 0.f;
+    return g ? 0.f : gvsl::lncc_term(gvsl::lncc_cc(st, p), p.preset);
   }
 };
 
 // Backward pass 2: the gradients from the window sums of the coefficient maps, in double (the
-// four terms cancel where the images are smooth).
+// four terms cancel where the images are smooth), times the scalar at `scale`.
 template <typename T> struct ConsumeGrads {
   const T *a, *b;
   T *ga, *gb;
   Strides sa, sb, sga, sgb;
+  const float* scale;
   // Q = 7: dL/db's three maps follow dL/da's (S[4..6]); Q = 4: only one input needs a gradient,
   // and dL/db's maps are S[1..3]. A static index keeps S in registers (not on the stack).
   template <int Q>
@@ -144,13 +150,14 @@ template <typename T> struct ConsumeGrads {
     constexpr int jo = Q == 7 ? 4 : 1;
     const double i = static_cast<float>(a[s.at(sa, bc, d, h, w)]);
     const double j = static_cast<float>(b[s.at(sb, bc, d, h, w)]);
+    const double k = *scale;
     if (ga) {
       ga[s.at(sga, bc, d, h, w)] =
-          static_cast<T>(float(gvsl::lncc_grad(i, j, S[0], S[1], S[2], S[3])));
+          static_cast<T>(float(k * gvsl::lncc_grad(i, j, S[0], S[1], S[2], S[3])));
     }
     if (gb) {
       gb[s.at(sgb, bc, d, h, w)] =
-          static_cast<T>(float(gvsl::lncc_grad(j, i, S[0], S[jo], S[jo + 1], S[jo + 2])));
+          static_cast<T>(float(k * gvsl::lncc_grad(j, i, S[0], S[jo], S[jo + 1], S[jo + 2])));
     }
     return 0.f;
   }
@@ -386,73 +393,119 @@ Problem check_inputs(const at::Tensor& a, const at::Tensor& b, int64_t window, d
   return {s, a.size(0) * a.size(1), int(window), p};
 }
 
+// Calls f(std::integral_constant<int, Q>) with Q = 1 + 3 per input that needs a gradient.
+template <class F> void with_maps(bool need_a, bool need_b, F&& f) {
+  if (need_a && need_b) {
+    f(std::integral_constant<int, 7>());
+  } else {
+    f(std::integral_constant<int, 4>());
+  }
+}
+
+at::Tensor coef_buffer(const Problem& pr, bool need_a, bool need_b, const at::Tensor& a) {
+  return at::empty({1 + 3 * need_a + 3 * need_b, pr.BC, pr.s.D, pr.s.H, pr.s.W},
+                   a.options().dtype(at::kFloat));
+}
+
+// Returns (the cc map or the loss, the coefficient maps for a unit dL/dcc): the maps only for a
+// reduced loss with an input that needs a gradient, else empty.
 template <typename T>
-at::Tensor forward_impl(const Problem& pr, const at::Tensor& a, const at::Tensor& b,
-                        int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& pr, const at::Tensor& a,
+                                                const at::Tensor& b, int64_t reduction,
+                                                bool need_a, bool need_b) {
   const Launch l = plan(pr.BC, pr.s.D, pr.s.H, pr.s.W, pr.k);
   const LoadInputs<T> load{a.data_ptr<T>(), b.data_ptr<T>(), strides_of(a), strides_of(b)};
   if (reduction == gvsl::kLnccNone) {
     at::Tensor out = at::empty_like(a);
     launch(pr.k, pr.s, l, load, ConsumeCC<T>{pr.p, out.data_ptr<T>(), strides_of(out)}, nullptr);
-    return out;
+    return {out, at::empty({0}, a.options())};
   }
-  at::Tensor partial =
-      at::empty({int64_t(l.grid.x) * l.grid.y * l.grid.z}, a.options().dtype(at::kFloat));
-  launch(pr.k, pr.s, l, load, ConsumeCC<T>{pr.p, nullptr, strides_of(a)},
-         partial.data_ptr<float>());
+  const auto f32 = a.options().dtype(at::kFloat);
+  at::Tensor partial = at::empty({int64_t(l.grid.x) * l.grid.y * l.grid.z}, f32);
+  at::Tensor coef = at::empty({0}, f32);
+  if (need_a || need_b) {
+    coef = coef_buffer(pr, need_a, need_b, a);
+    with_maps(need_a, need_b, [&](auto q) {
+      launch(pr.k, pr.s, l, load,
+             ConsumeCoefs<decltype(q)::value>{pr.p, nullptr, strides_of(a),
+                                               coef.data_ptr<float>(), coef.stride(0), need_a,
+                                               need_b},
+             partial.data_ptr<float>());
+    });
+  } else {
+    launch(pr.k, pr.s, l, load, ConsumeCC<T>{pr.p, nullptr, strides_of(a)},
+           partial.data_ptr<float>());
+  }
   at::Tensor total = partial.to(at::kDouble).sum();  // a fixed-order reduction
   if (reduction == gvsl::kLnccMean) total = total / double(a.numel());
-  return total.to(at::kFloat);
+  return {total.to(at::kFloat), coef};
 }
 
-at::Tensor lncc_forward_cuda(const at::Tensor& a, const at::Tensor& b, int64_t window, double eps,
-                             int64_t preset, double smooth_nr, int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor> lncc_forward_cuda(const at::Tensor& a, const at::Tensor& b,
+                                                     int64_t window, double eps, int64_t preset,
+                                                     double smooth_nr, int64_t reduction,
+                                                     bool need_a, bool need_b) {
   const Problem pr = check_inputs(a, b, window, eps, preset, smooth_nr);
   const c10::cuda::CUDAGuard guard(a.device());
   return GVSL_DISPATCH_FAST(a.scalar_type(), "lncc_forward_cuda", [&] {
-    return forward_impl<scalar_t>(pr, a, b, reduction);
+    return forward_impl<scalar_t>(pr, a, b, reduction, need_a, need_b);
   });
 }
 
+// The gradients from coefficient maps `coef` times the scalar at `scale`.
 template <int Q, typename T>
-void backward_impl(const Problem& pr, const at::Tensor& grad, const at::Tensor& a,
-                   const at::Tensor& b, at::Tensor& ga, at::Tensor& gb) {
+void grad_pass(const Problem& pr, const Launch& l, const at::Tensor& coef, const float* scale,
+               const at::Tensor& a, const at::Tensor& b, at::Tensor& ga, at::Tensor& gb) {
   const bool need_a = ga.numel() > 0, need_b = gb.numel() > 0;
-  const Launch l = plan(pr.BC, pr.s.D, pr.s.H, pr.s.W, pr.k);
-  at::Tensor coef = at::empty({Q, pr.BC, pr.s.D, pr.s.H, pr.s.W}, grad.options());
-  const int64_t qstride = coef.stride(0);
-  const LoadInputs<T> load{a.data_ptr<T>(), b.data_ptr<T>(), strides_of(a), strides_of(b)};
-  launch(pr.k, pr.s, l, load,
-         ConsumeCoefs<Q>{pr.p, grad.data_ptr<float>(), strides_of(grad), coef.data_ptr<float>(),
-                         qstride, need_a, need_b},
-         nullptr);
   const ConsumeGrads<T> consume{a.data_ptr<T>(), b.data_ptr<T>(),
                                 need_a ? ga.data_ptr<T>() : nullptr,
                                 need_b ? gb.data_ptr<T>() : nullptr,
                                 strides_of(a), strides_of(b),
-                                strides_of(need_a ? ga : a), strides_of(need_b ? gb : b)};
-  launch(pr.k, pr.s, l, LoadCoefs<Q>{coef.data_ptr<float>(), qstride}, consume, nullptr);
+                                strides_of(need_a ? ga : a), strides_of(need_b ? gb : b), scale};
+  launch(pr.k, pr.s, l, LoadCoefs<Q>{coef.data_ptr<float>(), coef.stride(0)}, consume, nullptr);
 }
 
+// dL/da and dL/db for the inputs that need them. With the forward's coefficient maps `coef`,
+// `grad` is the scalar dL/dcc that scales them; without (reduction none), `grad` is the dL/dcc
+// map and the maps are recomputed from the inputs first.
 std::tuple<at::Tensor, at::Tensor> lncc_backward_cuda(const at::Tensor& grad, const at::Tensor& a,
-                                                      const at::Tensor& b, int64_t window,
-                                                      double eps, int64_t preset,
+                                                      const at::Tensor& b, const at::Tensor& coef,
+                                                      int64_t window, double eps, int64_t preset,
                                                       double smooth_nr, bool need_a,
                                                       bool need_b) {
   const Problem pr = check_inputs(a, b, window, eps, preset, smooth_nr);
-  TORCH_CHECK(grad.sizes() == a.sizes() && grad.scalar_type() == at::kFloat &&
-                  grad.device() == a.device(),
-              "lncc_backward: grad must be float32 with the shape and device of a");
+  const bool saved = coef.numel() > 0;
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.device() == a.device() &&
+                  (saved ? grad.numel() == 1 : grad.sizes() == a.sizes()),
+              "lncc_backward: grad must be float32 on a's device: a scalar with coef, else a map "
+              "of a's shape");
+  const int Q = 1 + 3 * need_a + 3 * need_b;
+  TORCH_CHECK(!saved || (coef.size(0) == Q && coef.scalar_type() == at::kFloat &&
+                         coef.is_contiguous()),
+              "lncc_backward: coef must hold the maps of the inputs that need gradients");
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor ga = need_a ? at::empty_like(a) : at::empty({0}, a.options());
   at::Tensor gb = need_b ? at::empty_like(b) : at::empty({0}, b.options());
   if (!need_a && !need_b) return {ga, gb};
+  const Launch l = plan(pr.BC, pr.s.D, pr.s.H, pr.s.W, pr.k);
   GVSL_DISPATCH_FAST(a.scalar_type(), "lncc_backward_cuda", [&] {
-    if (need_a && need_b) {
-      backward_impl<7, scalar_t>(pr, grad, a, b, ga, gb);
-    } else {
-      backward_impl<4, scalar_t>(pr, grad, a, b, ga, gb);
-    }
+    with_maps(need_a, need_b, [&](auto q) {
+      constexpr int kQ = decltype(q)::value;
+      if (saved) {
+        const at::Tensor scale = grad.reshape({1}).contiguous();
+        grad_pass<kQ, scalar_t>(pr, l, coef, scale.data_ptr<float>(), a, b, ga, gb);
+        return;
+      }
+      const at::Tensor maps = coef_buffer(pr, need_a, need_b, a);
+      const LoadInputs<scalar_t> load{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                                      strides_of(a), strides_of(b)};
+      launch(pr.k, pr.s, l, load,
+             ConsumeCoefs<kQ>{pr.p, grad.data_ptr<float>(), strides_of(grad),
+                              maps.data_ptr<float>(), maps.stride(0), need_a, need_b},
+             nullptr);
+      const at::Tensor one = at::ones({1}, grad.options());
+      grad_pass<kQ, scalar_t>(pr, l, maps, one.data_ptr<float>(), a, b, ga, gb);
+    });
   });
   return {ga, gb};
 }

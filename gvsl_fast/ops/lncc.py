@@ -1,9 +1,11 @@
 """Fused local normalized cross-correlation (DESIGN §3) and drop-in loss modules.
 
 ``lncc`` computes the five zero-padded window sums with separable running sums (work per voxel
-independent of the window), reduces ``mean``/``sum`` inside the kernel (no cc map is written)
-and recomputes the window sums in the backward instead of saving five maps. Gradient maps are
-computed only for the inputs that require grad.
+independent of the window) and reduces ``mean``/``sum`` inside the kernel (no cc map is
+written). The backward box-sums per-voxel coefficient maps (1 + 3 per input that requires grad;
+DESIGN §3). They are linear in dL/dcc, which a reduced loss makes one scalar, so for ``mean`` and
+``sum`` the forward leaves them (unit dL/dcc) and the backward only scales their window sums;
+for ``none`` the backward recomputes them from the inputs and the upstream map.
 
 Drop-in modules: :class:`NCC` (VoxelMorph's ``NCC(win).loss(y_true, y_pred)``) and
 :class:`LocalNormalizedCrossCorrelationLoss` (MONAI's rectangular-kernel loss).
@@ -75,59 +77,68 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
     if be == "reference":
         return reference.lncc(a, b, window, eps, reduction, preset, smooth_nr=smooth_nr)
     a, b = _backend.layout(a), _backend.layout(b)
+    grad = torch.is_grad_enabled()
     args = (a, b, window, float(eps), PRESETS.index(preset), float(smooth_nr),
-            REDUCTIONS_CODE[reduction])
+            REDUCTIONS_CODE[reduction], grad and a.requires_grad, grad and b.requires_grad)
     if be == "triton":
         from gvsl_fast.kernels import lncc as triton_lncc
 
-        return triton_lncc.lncc_forward(*args)
-    return torch.ops.gvsl_fast.lncc_forward(*args)
+        return triton_lncc.lncc_forward(*args)[0]
+    return torch.ops.gvsl_fast.lncc_forward(*args)[0]
 
 
 def grad_of_cc(grad: torch.Tensor, a: torch.Tensor, reduction: int) -> torch.Tensor:
-    """``dL/dcc`` at every voxel in the accumulation dtype: the upstream map for ``none``, else a
-    broadcast scalar (``-grad / N`` for mean, ``-grad`` for sum: each loss term is ``c - cc``)."""
+    """``dL/dcc`` in the accumulation dtype: the upstream map for ``none``, else one scalar
+    (``-grad / N`` for mean, ``-grad`` for sum: each loss term is ``c - cc``)."""
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     if reduction == REDUCTIONS_CODE["none"]:
         return grad.to(acc)
     scale = -1.0 / a.numel() if reduction == REDUCTIONS_CODE["mean"] else -1.0
-    return (grad.to(acc) * scale).expand(a.shape)
+    return grad.to(acc) * scale
 
 
 def setup_context(ctx, inputs, output) -> None:
-    a, b, window, eps, preset, smooth_nr, reduction = inputs
-    ctx.save_for_backward(a, b)
+    a, b, window, eps, preset, smooth_nr, reduction, need_a, need_b = inputs
+    coef = output[1]
+    ctx.mark_non_differentiable(coef)
+    ctx.save_for_backward(a, b, coef)
     ctx.params = (window, eps, preset, smooth_nr)
     ctx.reduction = reduction
 
 
 def make_backward(backward_op):
     """The autograd backward of a forward op whose gradients come from `backward_op`, which
-    computes only the maps asked for."""
+    computes only the maps asked for (from the forward's coefficient maps where it left them)."""
 
-    def backward(ctx, grad: torch.Tensor):
-        a, b = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor, _grad_coef: torch.Tensor | None):
+        a, b, coef = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g = grad_of_cc(grad, a, ctx.reduction)
-        ga, gb = backward_op(g, a, b, *ctx.params, need_a, need_b)
-        return (ga if need_a else None, gb if need_b else None) + (None,) * 5
+        ga, gb = backward_op(g, a, b, coef, *ctx.params, need_a, need_b)
+        return (ga if need_a else None, gb if need_b else None) + (None,) * 7
 
     return backward
+
+
+def forward_fake(a, b, window, eps, preset, smooth_nr, reduction, need_a, need_b):
+    """Shapes of the forward ops' (output, coefficient maps), for every backend."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    if reduction == REDUCTIONS_CODE["none"]:
+        return torch.empty_like(a), a.new_empty(0)
+    maps = 1 + 3 * need_a + 3 * need_b if need_a or need_b else 0
+    D, H, W = a.shape[2:]
+    coef = a.new_empty((maps, a.shape[0] * a.shape[1], D, H, W) if maps else (0,), dtype=acc)
+    return a.new_empty((), dtype=acc), coef
 
 
 def _register() -> None:
     if _backend.extension_error() is not None:
         return
 
-    @torch.library.register_fake("gvsl_fast::lncc_forward")
-    def _(a, b, window, eps, preset, smooth_nr, reduction):
-        if reduction == REDUCTIONS_CODE["none"]:
-            return torch.empty_like(a)
-        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-        return a.new_empty((), dtype=acc)
+    torch.library.register_fake("gvsl_fast::lncc_forward")(forward_fake)
 
     @torch.library.register_fake("gvsl_fast::lncc_backward")
-    def _(grad, a, b, window, eps, preset, smooth_nr, need_a, need_b):
+    def _(grad, a, b, coef, window, eps, preset, smooth_nr, need_a, need_b):
         ga = torch.empty_like(a) if need_a else a.new_empty(0)
         gb = torch.empty_like(b) if need_b else b.new_empty(0)
         return ga, gb
