@@ -2,6 +2,8 @@
 // (csrc/cpu/lncc.cpp) and the CUDA kernels (csrc/cuda/lncc.cu). Inputs are the five zero-padded
 // window sums SI, SJ, SII, SJJ, SIJ of one voxel; n = window^3.
 #pragma once
+#include <type_traits>
+
 #include "macros.h"
 
 namespace gvsl {
@@ -112,6 +114,16 @@ GVSL_HD int lncc_coef_maps(const LnccStats<T>& s, const LnccCoefs<T>& k, bool ne
     out[q++] = k.c * s.muj;
   }
   return q;
+}
+
+// Host: calls f(std::integral_constant<int, Q>) with Q, the number of coefficient maps, as a
+// compile-time constant.
+template <class F> void with_maps(bool need_a, bool need_b, F&& f) {
+  if (need_a && need_b) {
+    f(std::integral_constant<int, 7>());
+  } else {
+    f(std::integral_constant<int, 4>());
+  }
 }
 
 // dL/dI(q) = J(q) Box(a) - Box(a muJ) - I(q) Box(b) + Box(b muI); the same with I and J swapped

@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "lncc.h"
@@ -331,15 +330,6 @@ template <class F> void with_preset(int64_t preset, F&& f) {
   TORCH_CHECK(false, "lncc: unknown preset ", preset);
 }
 
-// Calls f(std::integral_constant<int, Q>) with Q = 1 + 3 per input that needs a gradient.
-template <class F> void with_maps(bool need_a, bool need_b, F&& f) {
-  if (need_a && need_b) {
-    f(std::integral_constant<int, 7>());
-  } else {
-    f(std::integral_constant<int, 4>());
-  }
-}
-
 // Returns (the cc map or the loss, the coefficient maps for a unit dL/dcc): the maps only for a
 // reduced loss with an input that needs a gradient, else empty.
 std::tuple<at::Tensor, at::Tensor> lncc_forward_cpu(const at::Tensor& a, const at::Tensor& b,
@@ -361,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> lncc_forward_cpu(const at::Tensor& a, const a
       if (map) {
         stats_pass<1, false, kP, scalar_t, S>(g, p, a, b, out, {}, {}, false, false);
       } else if (maps) {
-        with_maps(need_a, need_b, [&](auto q) {
+        gvsl::with_maps(need_a, need_b, [&](auto q) {
           total = stats_pass<decltype(q)::value, true, kP, scalar_t, S>(g, p, a, b, {}, {}, coef,
                                                                         need_a, need_b);
         });
@@ -396,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad, con
                 "lncc_backward: grad must be a scalar with coef, else a map of a's shape");
     TORCH_CHECK(!saved || (coef.size(0) == Q && coef.scalar_type() == grad.scalar_type()),
                 "lncc_backward: coef must hold the maps of the inputs that need gradients");
-    with_maps(need_a, need_b, [&](auto q) {
+    gvsl::with_maps(need_a, need_b, [&](auto q) {
       if (saved) {
         grad_pass<decltype(q)::value, scalar_t, S>(g, coef, grad.item<double>(), a, b, ga, gb);
       } else {

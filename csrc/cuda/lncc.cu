@@ -23,7 +23,6 @@
 #include <torch/library.h>
 
 #include <tuple>
-#include <type_traits>
 
 #include "lncc.h"
 
@@ -393,15 +392,6 @@ Problem check_inputs(const at::Tensor& a, const at::Tensor& b, int64_t window, d
   return {s, a.size(0) * a.size(1), int(window), p};
 }
 
-// Calls f(std::integral_constant<int, Q>) with Q = 1 + 3 per input that needs a gradient.
-template <class F> void with_maps(bool need_a, bool need_b, F&& f) {
-  if (need_a && need_b) {
-    f(std::integral_constant<int, 7>());
-  } else {
-    f(std::integral_constant<int, 4>());
-  }
-}
-
 at::Tensor coef_buffer(const Problem& pr, bool need_a, bool need_b, const at::Tensor& a) {
   return at::empty({1 + 3 * need_a + 3 * need_b, pr.BC, pr.s.D, pr.s.H, pr.s.W},
                    a.options().dtype(at::kFloat));
@@ -425,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& pr, const at::Ten
   at::Tensor coef = at::empty({0}, f32);
   if (need_a || need_b) {
     coef = coef_buffer(pr, need_a, need_b, a);
-    with_maps(need_a, need_b, [&](auto q) {
+    gvsl::with_maps(need_a, need_b, [&](auto q) {
       launch(pr.k, pr.s, l, load,
              ConsumeCoefs<decltype(q)::value>{pr.p, nullptr, strides_of(a),
                                                coef.data_ptr<float>(), coef.stride(0), need_a,
@@ -489,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cuda(const at::Tensor& grad, co
   if (!need_a && !need_b) return {ga, gb};
   const Launch l = plan(pr.BC, pr.s.D, pr.s.H, pr.s.W, pr.k);
   GVSL_DISPATCH_FAST(a.scalar_type(), "lncc_backward_cuda", [&] {
-    with_maps(need_a, need_b, [&](auto q) {
+    gvsl::with_maps(need_a, need_b, [&](auto q) {
       constexpr int kQ = decltype(q)::value;
       if (saved) {
         const at::Tensor scale = grad.reshape({1}).contiguous();
