@@ -57,7 +57,8 @@ GVSL_HD double gmax(double x, double y) { return x > y ? x : y; }
 // Written with the quotients lncc_coefs also forms, so that a loop computing both divides once.
 template <typename T> GVSL_HD T lncc_cc(const LnccStats<T>& s, const LnccParams<T>& p) {
   if (p.preset == kLnccMonai) {
-    return (s.cross * s.cross + p.smooth_nr) * (T(1) / (gmax(s.ivar, p.eps) * gmax(s.jvar, p.eps)));
+    const T inv = T(1) / (gmax(s.ivar, p.eps) * gmax(s.jvar, p.eps));
+    return (s.cross * s.cross + p.smooth_nr) * inv;
   }
   return s.cross / (s.ivar * s.jvar + p.eps) * s.cross;
 }

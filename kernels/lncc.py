@@ -83,8 +83,8 @@ def _stats(s_ptr, offs, m, N, n):
 @triton.jit
 def _cc(cross, ivar, jvar, eps, smooth_nr, PRESET: tl.constexpr):
     if PRESET == 2:
-        return (cross * cross + smooth_nr) / (tl.maximum(ivar, eps) * tl.maximum(jvar, eps))
-    return cross * cross / (ivar * jvar + eps)
+        return (cross * cross + smooth_nr) * (1.0 / (tl.maximum(ivar, eps) * tl.maximum(jvar, eps)))
+    return cross / (ivar * jvar + eps) * cross
 
 
 @triton.jit
@@ -104,11 +104,13 @@ def _cc_kernel(s_ptr, out_ptr, partial_ptr, N, n, eps, smooth_nr, PRESET: tl.con
 
 
 @triton.jit
-def _coef_kernel(s_ptr, g_ptr, c_ptr, N, n, eps, smooth_nr, PRESET: tl.constexpr,
+def _coef_kernel(s_ptr, g_ptr, c_ptr, partial_ptr, N, n, eps, smooth_nr, PRESET: tl.constexpr,
                  G_SCALAR: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """Coefficient maps a; a*muJ, b, b*muI (NEED_A); a*muI, c, c*muJ (NEED_B)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                 LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    """Coefficient maps a; a*muJ, b, b*muI (NEED_A); a*muI, c, c*muJ (NEED_B); with LOSS also
+    one partial sum of the loss terms per program (the forward of a reduced loss)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     cross, ivar, jvar, mui, muj = _stats(s_ptr, offs, m, N, n)
     if G_SCALAR:
@@ -118,15 +120,20 @@ def _coef_kernel(s_ptr, g_ptr, c_ptr, N, n, eps, smooth_nr, PRESET: tl.constexpr
     if PRESET == 2:
         iv = tl.maximum(ivar, eps)
         jv = tl.maximum(jvar, eps)
-        cc = (cross * cross + smooth_nr) / (iv * jv)
-        ka = 2.0 * g * cross / (iv * jv)
-        kb = tl.where(ivar >= eps, 2.0 * g * cc / iv, 0.0)
-        kc = tl.where(jvar >= eps, 2.0 * g * cc / jv, 0.0)
+        inv = 1.0 / (iv * jv)  # one division: 1/iv = jv * inv, 1/jv = iv * inv
+        cc = (cross * cross + smooth_nr) * inv
+        ka = 2.0 * g * cross * inv
+        kb = tl.where(ivar >= eps, 2.0 * g * cc * jv * inv, 0.0)
+        kc = tl.where(jvar >= eps, 2.0 * g * cc * iv * inv, 0.0)
     else:
         r = cross / (ivar * jvar + eps)
+        cc = r * cross
         ka = 2.0 * g * r
         kb = 2.0 * g * r * r * jvar
         kc = 2.0 * g * r * r * ivar
+    if LOSS:
+        term = 1.0 - cc if PRESET == 0 else -cc
+        tl.store(partial_ptr + pid, tl.sum(tl.where(m, term, 0.0), axis=0))
     tl.store(c_ptr + offs, ka, mask=m)
     q = 1
     if NEED_A:
@@ -209,32 +216,35 @@ def lncc_forward(a: torch.Tensor, b: torch.Tensor, window: int, eps: float, pres
         _cc_kernel[grid](s, out, out, N, n, eps, smooth_nr, PRESET=preset, MAP=True, BLOCK=BLOCK)
         return out, a.new_empty(0)
     partial = torch.empty(grid[0], device=a.device, dtype=torch.float32)
-    _cc_kernel[grid](s, partial, partial, N, n, eps, smooth_nr, PRESET=preset, MAP=False,
-                     BLOCK=BLOCK)
+    coef = partial.new_empty(0)
+    if need_a or need_b:  # the loss terms come with the maps, from one read of the sums
+        coef = _coefs(s, torch.ones(1, device=a.device), a, window, eps, preset, smooth_nr,
+                      need_a, need_b, partial)
+    else:
+        _cc_kernel[grid](s, partial, partial, N, n, eps, smooth_nr, PRESET=preset, MAP=False,
+                         BLOCK=BLOCK)
     total = partial.double().sum()  # a fixed-order reduction
     if reduction == MEAN:
         total = total / N
-    coef = partial.new_empty(0)
-    if need_a or need_b:
-        coef = _coefs(s, torch.ones(1, device=a.device), a, window, eps, preset, smooth_nr,
-                      need_a, need_b)
     return total.float(), coef
 
 
 lncc_forward.register_fake(forward_fake)
 
 
-def _coefs(s, g, a, window, eps, preset, smooth_nr, need_a, need_b):
+def _coefs(s, g, a, window, eps, preset, smooth_nr, need_a, need_b, partial=None):
     """The coefficient maps (Q, B*C, D, H, W) for dL/dcc = g (a map, or one value) from the
-    window sums."""
+    window sums; with ``partial``, also the per-program loss partials into it."""
     N = a.numel()
     scalar = g.numel() == 1
     g = g.reshape(1) if scalar else g.contiguous()
     Q = 1 + 3 * need_a + 3 * need_b
     coef = torch.empty((Q, N), device=a.device, dtype=torch.float32)
-    _coef_kernel[(triton.cdiv(N, BLOCK),)](s, g, coef, N, float(window**3), eps, smooth_nr,
-                                           PRESET=preset, G_SCALAR=scalar, NEED_A=need_a,
-                                           NEED_B=need_b, BLOCK=BLOCK)
+    loss = partial is not None
+    _coef_kernel[(triton.cdiv(N, BLOCK),)](s, g, coef, partial if loss else coef, N,
+                                           float(window**3), eps, smooth_nr, PRESET=preset,
+                                           G_SCALAR=scalar, NEED_A=need_a, NEED_B=need_b,
+                                           LOSS=loss, BLOCK=BLOCK)
     B, C, D, H, W = a.shape
     return coef.view(Q, B * C, D, H, W)
 
