@@ -101,6 +101,7 @@ def setup_context(ctx, inputs, output) -> None:
     a, b, window, eps, preset, smooth_nr, reduction, need_a, need_b = inputs
     coef = output[1]
     ctx.mark_non_differentiable(coef)
+    ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" of the maps each step
     ctx.save_for_backward(a, b, coef)
     ctx.params = (window, eps, preset, smooth_nr)
     ctx.reduction = reduction
@@ -111,6 +112,8 @@ def make_backward(backward_op):
     computes only the maps asked for (from the forward's coefficient maps where it left them)."""
 
     def backward(ctx, grad: torch.Tensor, _grad_coef: torch.Tensor | None):
+        if grad is None:  # grads are not materialized: none reached the loss
+            return (None,) * 9
         a, b, coef = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g = grad_of_cc(grad, a, ctx.reduction)
