@@ -6,6 +6,9 @@
 
 #ifdef __CUDACC__
 #define GVSL_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always inlined: a call in a row loop would keep it from vectorizing
+#define GVSL_HD inline __attribute__((always_inline))
 #else
 #define GVSL_HD inline
 #endif

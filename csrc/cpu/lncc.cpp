@@ -1,11 +1,11 @@
 // CPU kernels of the fused local NCC (DESIGN §3) and the schemas of its two ops.
 //
-// Every box sum is a streaming, separable running sum over one (D, H, W) volume: running sums
-// along each row (W), then over a ring of the last k rows (H), then over a ring of the last k
-// planes (D). Work per voxel does not depend on the window, and a thread touches only
-// (k + 2) planes of M quantities at a time (cache-sized for 128^2 planes). Running sums
-// accumulate in double, so they do not drift along long lines. Threads split the volumes and
-// the depth into chunks; reductions sum per-chunk partials in a fixed order (reproducible).
+// Every box sum is a streaming, separable sum over one (D, H, W) volume (BoxStream): a running
+// sum over the last k slices, then over k rows of that plane, then along W. Work per voxel does
+// not depend on the window, and a thread holds one plane of M quantities (in L2 for 128^2 and
+// 160^2 planes). Every sum is in double, so running sums do not drift along long lines. Threads
+// split the volumes and the depth into chunks; reductions sum per-chunk partials in a fixed
+// order (reproducible).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <omp.h>
@@ -13,9 +13,11 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "lncc.h"
+#include "memory.h"
 
 namespace {
 
@@ -30,90 +32,108 @@ Strides strides_of(const at::Tensor& t) {
 }
 
 // Zero-padded window sums of M quantities over the slices [d0, d1) of one (D, H, W) volume.
-// load(z, h, rows) writes the W values of each quantity in row h of slice z into rows[m][0..W);
-// consume(d, sums) receives the window sums of slice d as M planes of H*W doubles.
+// load(z, h, buf, rows) points rows[m] at the W values of quantity m in row h of slice z: into
+// memory, or into buf[m] where it computes them;
+// consume(d, h, sums) receives the window sums of row h of slice d as M rows of W doubles.
+//
+// Depth first: a plane of running sums over the last k slices, plane += slice z - slice z - k,
+// with slice z - k loaded again (two input reads per voxel rather than k planes of M sums to
+// keep); then, per emitted slice, a running sum over k rows of the plane, and last the sums
+// along W of that row as differences of a prefix sum (which vectorizes, where a running sum
+// along W is one long chain). Every sum is in double.
 template <int M, typename S>
 class BoxStream {
  public:
   BoxStream(int64_t H, int64_t W, int k)
-      : H_(H), W_(W), k_(k), r_(k / 2), pad_(k / 2 + 1), len_(W + 2 * pad_),
-        row_(M * len_, S(0)), rowsum_(M * W), hring_(k * M * W), hacc_(M * W),
-        pring_(k * M * H * W), pacc_(M * H * W) {}
+      : H_(H), W_(W), r_(k / 2), new_(M * W), old_(M * W), plane_(M * H * W), hacc_(M * W),
+        zeros_(W, 0.0), prefix_(W + k), out_(M * W) {}
 
   template <class Load, class Consume>
   void run(int64_t D, int64_t d0, int64_t d1, Load& load, Consume& consume) {
-    std::fill(pring_.begin(), pring_.end(), S(0));
-    std::fill(pacc_.begin(), pacc_.end(), 0.0);
-    const int64_t zlo = std::max<int64_t>(0, d0 - r_);
-    const int64_t plane = M * H_ * W_;
+    std::fill(plane_.begin(), plane_.end(), 0.0);
+    const int64_t zlo = std::max<int64_t>(0, d0 - r_), k = 2 * r_ + 1;
     for (int64_t z = zlo; z < d1 + r_; ++z) {
-      S* slot = pring_.data() + ((z - zlo) % k_) * plane;  // holds slice z - k (or zeros)
-      if (z < D) {
-        slice(z, load, slot);
-      } else {
-        for (int64_t i = 0; i < plane; ++i) pacc_[i] -= slot[i];
+      const bool add = z < D, sub = z - k >= zlo;
+      if (add || sub) {
+        for (int64_t h = 0; h < H_; ++h) update(z, h, add, sub, load);
       }
-      if (z - r_ >= d0) consume(z - r_, pacc_.data());
+      if (z - r_ >= d0) emit(z - r_, consume);
     }
   }
 
  private:
-  // Window sums along W of the loaded row, into rowsum_ (rows carry pad_ zeros on both sides).
-  void wpass(S* const* rows) {
-    double acc[M];
+  // plane row h += row h of slice z (zeros unless `add`) - row h of slice z - k (unless `sub`)
+  template <class Load> void update(int64_t z, int64_t h, bool add, bool sub, Load& load) {
+    S* bn[M];
+    S* bo[M];
+    const S* rn[M];
+    const S* ro[M];
     for (int m = 0; m < M; ++m) {
-      acc[m] = 0.0;
-      for (int j = -r_; j <= r_; ++j) acc[m] += rows[m][j];
+      rn[m] = bn[m] = new_.data() + m * W_;
+      ro[m] = bo[m] = old_.data() + m * W_;
     }
-    for (int64_t w = 0; w < W_; ++w) {
-      for (int m = 0; m < M; ++m) {
-        rowsum_[m * W_ + w] = S(acc[m]);
-        acc[m] += double(rows[m][w + r_ + 1]) - double(rows[m][w - r_]);
-      }
+    if (add) {
+      load(z, h, bn, rn);
+    } else {
+      std::fill(new_.begin(), new_.end(), S(0));
+    }
+    if (sub) {
+      load(z - 2 * r_ - 1, h, bo, ro);
+    } else {
+      std::fill(old_.begin(), old_.end(), S(0));
+    }
+    const int64_t HW = H_ * W_;
+    for (int m = 0; m < M; ++m) {
+      double* __restrict__ acc = plane_.data() + m * HW + h * W_;
+      const S* __restrict__ xn = rn[m];
+      const S* __restrict__ xo = ro[m];
+      for (int64_t w = 0; w < W_; ++w) acc[w] += double(xn[w]) - double(xo[w]);
     }
   }
 
-  // 2-D window sums of slice z into `slot`, with pacc_ += new - old (old: slice z - k).
-  template <class Load> void slice(int64_t z, Load& load, S* slot) {
-    std::fill(hring_.begin(), hring_.end(), S(0));
+  // The window sums of slice d, row by row: rows h - r .. h + r of the plane, then along W.
+  template <class Consume> void emit(int64_t d, Consume& consume) {
     std::fill(hacc_.begin(), hacc_.end(), 0.0);
-    S* rows[M];
-    for (int m = 0; m < M; ++m) rows[m] = row_.data() + m * len_ + pad_;
-    const int64_t MW = M * W_, HW = H_ * W_;
-    for (int64_t y = 0; y < H_ + r_; ++y) {
-      S* hslot = hring_.data() + (y % k_) * MW;  // W-sums of row y - k (or zeros)
-      if (y < H_) {
-        load(z, y, rows);
-        wpass(rows);
-        for (int64_t i = 0; i < MW; ++i) {
-          hacc_[i] += double(rowsum_[i]) - double(hslot[i]);
-          hslot[i] = rowsum_[i];
-        }
-      } else {
-        for (int64_t i = 0; i < MW; ++i) hacc_[i] -= hslot[i];
-      }
-      const int64_t h = y - r_;
-      if (h < 0) continue;
-      for (int m = 0; m < M; ++m) {
-        const double* src = hacc_.data() + m * W_;
-        S* dst = slot + m * HW + h * W_;
-        double* acc = pacc_.data() + m * HW + h * W_;
-        for (int64_t w = 0; w < W_; ++w) {
-          const S v = S(src[w]);
-          acc[w] += double(v) - double(dst[w]);
-          dst[w] = v;
-        }
-      }
+    for (int64_t y = 0; y < std::min<int64_t>(r_, H_); ++y) hrow(y, -1);
+    for (int64_t h = 0; h < H_; ++h) {
+      hrow(h + r_ < H_ ? h + r_ : -1, h - r_ - 1);
+      for (int m = 0; m < M; ++m) wsum(hacc_.data() + m * W_, out_.data() + m * W_);
+      consume(d, h, static_cast<const double*>(out_.data()));
     }
+  }
+
+  // hacc_ += plane row `in` - plane row `out`, where a row of -1 is zeros
+  void hrow(int64_t in, int64_t out) {
+    const int64_t HW = H_ * W_;
+    for (int m = 0; m < M; ++m) {
+      double* __restrict__ acc = hacc_.data() + m * W_;
+      const double* xi = in >= 0 ? plane_.data() + m * HW + in * W_ : zeros_.data();
+      const double* xo = out >= 0 ? plane_.data() + m * HW + out * W_ : zeros_.data();
+      for (int64_t w = 0; w < W_; ++w) acc[w] += xi[w] - xo[w];
+    }
+  }
+
+  // Zero-padded window sums along one row of W doubles: P[i] holds the sum of x[0 .. i - r - 1]
+  // (zero for i <= r, the row total past its end), so the window of w is P[w + k] - P[w].
+  void wsum(const double* __restrict__ x, double* __restrict__ out) {
+    const int64_t k = 2 * r_ + 1;
+    double* __restrict__ P = prefix_.data();
+    for (int64_t i = 0; i <= r_; ++i) P[i] = 0.0;
+    double run = 0.0;
+#pragma omp simd reduction(inscan, + : run)
+    for (int64_t w = 0; w < W_; ++w) {
+      run += x[w];
+#pragma omp scan inclusive(run)
+      P[r_ + 1 + w] = run;
+    }
+    for (int64_t i = W_ + r_ + 1; i < W_ + k; ++i) P[i] = run;
+    for (int64_t w = 0; w < W_; ++w) out[w] = P[w + k] - P[w];
   }
 
   const int64_t H_, W_;
-  const int k_, r_, pad_;
-  const int64_t len_;
-  std::vector<S> row_, rowsum_, hring_;
-  std::vector<double> hacc_;
-  std::vector<S> pring_;
-  std::vector<double> pacc_;
+  const int r_;
+  std::vector<S> new_, old_;
+  std::vector<double> plane_, hacc_, zeros_, prefix_, out_;
 };
 
 // Runs body(stream, bc, d0, d1, task) over all volumes and depth chunks, one BoxStream per thread.
@@ -152,12 +172,13 @@ Geometry check_inputs(const at::Tensor& a, const at::Tensor& b, int64_t window) 
   return {a.size(0), a.size(1), a.size(2), a.size(3), a.size(4), int(window)};
 }
 
-// Loads the five forward quantities I, J, I^2, J^2, IJ of one row of volume (bi, ci).
+// Computes the five forward quantities I, J, I^2, J^2, IJ of one row of volume (bi, ci) into
+// `rows`, the BoxStream's buffers (where its row pointers already point).
 template <typename T, typename S> struct LoadInputs {
   const T *a, *b;
   Strides sa, sb;
   int64_t W;
-  void operator()(int64_t z, int64_t h, S* const* rows) const {
+  void operator()(int64_t z, int64_t h, S* const* rows, const S**) const {
     const T* pa = a + z * sa.d + h * sa.h;
     const T* pb = b + z * sb.d + h * sb.h;
     S* __restrict__ ri = rows[gvsl::kSI];
@@ -193,25 +214,31 @@ LoadInputs<T, S> load_inputs(const at::Tensor& a, const at::Tensor& b, int64_t b
           sb, a.size(4)};
 }
 
-gvsl::LnccStats<double> stats_at(const double* P, int64_t HW, int64_t i, double n) {
-  return gvsl::lncc_stats<double>(P[i], P[HW + i], P[2 * HW + i], P[3 * HW + i], P[4 * HW + i],
-                                  n);
+// The statistics of voxel i of M rows of window sums (`stride` apart): computed in double
+// (where SII - SI^2/n and the like cancel), returned in F for the formulas, as on CUDA.
+template <typename F>
+GVSL_HD gvsl::LnccStats<F> stats_at(const double* P, int64_t stride, int64_t i, double n) {
+  return gvsl::lncc_stats_cast<F>(gvsl::lncc_stats<double>(
+      P[i], P[stride + i], P[2 * stride + i], P[3 * stride + i], P[4 * stride + i], n));
 }
 
 // One pass over the forward window sums. Per voxel, as asked: the cc map (`cc`), the loss terms
-// (kLoss: their sum is returned), and the Q coefficient maps (`coef`) for dL/dcc = `grad` (a map
-// in the accumulation dtype), or 1 where `grad` is null: the maps are linear in dL/dcc, which mean
-// and sum make one scalar, so the forward can leave them for the backward to scale.
-template <int Q, bool kLoss, int kPreset, typename T, typename S>
+// (kLoss: their sum is returned), and the coefficient maps (`coef`) of the inputs that need a
+// gradient (kA, kB) for dL/dcc = `grad` (a map in the accumulation dtype), or 1 where `grad` is
+// undefined: the maps are linear in dL/dcc, which mean and sum make one scalar, so the forward
+// can leave them for the backward to scale. Compile-time flags keep the row loops branch-free,
+// so that they vectorize.
+template <bool kA, bool kB, bool kLoss, int kPreset, typename T, typename S>
 double stats_pass(const Geometry& g, const LnccParams<double>& params, const at::Tensor& a,
                   const at::Tensor& b, const at::Tensor& cc, const at::Tensor& grad,
-                  const at::Tensor& coef, bool need_a, bool need_b) {
+                  const at::Tensor& coef) {
+  constexpr int Q = 1 + 3 * kA + 3 * kB;
   const int64_t HW = g.H * g.W, DHW = g.D * HW, qstride = g.B * g.C * DHW;
   T* po = cc.defined() ? cc.data_ptr<T>() : nullptr;
   const Strides so = strides_of(cc.defined() ? cc : a);
   const S* pg = grad.defined() ? grad.data_ptr<S>() : nullptr;
   const Strides sg = strides_of(grad.defined() ? grad : a);
-  S* pc = coef.defined() ? coef.data_ptr<S>() : nullptr;
+  S* pc = kA || kB ? coef.data_ptr<S>() : nullptr;
   std::vector<double> partial(g.B * g.C * g.D, 0.0);
   const int64_t tasks = for_chunks<gvsl::kLnccSums, S>(
       g.B * g.C, g.D, g.H, g.W, g.k,
@@ -219,37 +246,51 @@ double stats_pass(const Geometry& g, const LnccParams<double>& params, const at:
         const int64_t bi = bc / g.C, ci = bc % g.C;
         auto load = load_inputs<T, S>(a, b, bi, ci);
         double sum = 0.0;
-        auto consume = [&](int64_t d, const double* P) {
-          // a local copy with the preset a constant: the loops below compile one formula
-          const LnccParams<double> p{params.n, params.eps, params.smooth_nr, kPreset};
-          for (int64_t h = 0; h < g.H; ++h) {
-            const double* Ph = P + h * g.W;
-            if (po) {
-              T* o = po + bi * so.b + ci * so.c + d * so.d + h * so.h;
-#pragma omp simd
-              for (int64_t w = 0; w < g.W; ++w) {
-                o[w * so.w] = T(gvsl::lncc_cc(stats_at(Ph, HW, w, p.n), p));
-              }
+        std::vector<S> terms(g.W);
+        // The row loops carry no `omp simd`: GCC's simd lowering gives the per-voxel structs
+        // per-lane stack arrays, and the loops then stay scalar; plain loops vectorize. The loss
+        // terms of a row go through `terms` to a double sum of their own.
+        auto consume = [&](int64_t d, int64_t h, const double* R) {
+          // the formulas in the accumulation dtype (as CUDA), with the preset a constant: the
+          // loops below compile one formula
+          const LnccParams<S> p{S(params.n), S(params.eps), S(params.smooth_nr), kPreset};
+          const double n = params.n;
+          S* __restrict__ tr = terms.data();
+          if (po) {
+            T* o = po + bi * so.b + ci * so.c + d * so.d + h * so.h;
+#pragma GCC ivdep
+            for (int64_t w = 0; w < g.W; ++w) {
+              o[w * so.w] = T(gvsl::lncc_cc(stats_at<S>(R, g.W, w, n), p));
             }
+          }
+          if constexpr (kA || kB) {
+            S* cp = pc + bc * DHW + d * HW + h * g.W;
+            auto maps = [&](auto grad_at) {
+#pragma GCC ivdep
+              for (int64_t w = 0; w < g.W; ++w) {
+                const auto st = stats_at<S>(R, g.W, w, n);
+                if constexpr (kLoss) tr[w] = gvsl::lncc_term(gvsl::lncc_cc(st, p), p.preset);
+                S m[Q];
+                gvsl::lncc_coef_maps(st, gvsl::lncc_coefs(st, grad_at(w), p), kA, kB, m);
+                for (int q = 0; q < Q; ++q) cp[q * qstride + w] = m[q];
+              }
+            };
+            if (pg) {
+              const S* gh = pg + bi * sg.b + ci * sg.c + d * sg.d + h * sg.h;
+              maps([&](int64_t w) { return gh[w * sg.w]; });
+            } else {
+              maps([](int64_t) { return S(1); });
+            }
+          } else if constexpr (kLoss) {
+#pragma GCC ivdep
+            for (int64_t w = 0; w < g.W; ++w) {
+              tr[w] = gvsl::lncc_term(gvsl::lncc_cc(stats_at<S>(R, g.W, w, n), p), p.preset);
+            }
+          }
+          if constexpr (kLoss) {
             double row = 0.0;
-            if (pc) {
-              const S* gh = pg ? pg + bi * sg.b + ci * sg.c + d * sg.d + h * sg.h : nullptr;
-              S* cp = pc + bc * DHW + d * HW + h * g.W;
 #pragma omp simd reduction(+ : row)
-              for (int64_t w = 0; w < g.W; ++w) {
-                const auto st = stats_at(Ph, HW, w, p.n);
-                if constexpr (kLoss) row += gvsl::lncc_term(gvsl::lncc_cc(st, p), p.preset);
-                const auto k = gvsl::lncc_coefs(st, gh ? double(gh[w * sg.w]) : 1.0, p);
-                double maps[7];
-                gvsl::lncc_coef_maps(st, k, need_a, need_b, maps);
-                for (int q = 0; q < Q; ++q) cp[q * qstride + w] = S(maps[q]);
-              }
-            } else if (kLoss) {
-#pragma omp simd reduction(+ : row)
-              for (int64_t w = 0; w < g.W; ++w) {
-                row += gvsl::lncc_term(gvsl::lncc_cc(stats_at(Ph, HW, w, p.n), p), p.preset);
-              }
-            }
+            for (int64_t w = 0; w < g.W; ++w) row += double(tr[w]);
             sum += row;
           }
         };
@@ -259,6 +300,14 @@ double stats_pass(const Geometry& g, const LnccParams<double>& params, const at:
   double total = 0.0;
   for (int64_t t = 0; t < tasks; ++t) total += partial[t];  // a fixed order
   return total;
+}
+
+// Calls f(std::bool_constant<need_a>(), std::bool_constant<need_b>()).
+template <class F> void with_needs(bool need_a, bool need_b, F&& f) {
+  if (need_a && need_b) return f(std::true_type(), std::true_type());
+  if (need_a) return f(std::true_type(), std::false_type());
+  if (need_b) return f(std::false_type(), std::true_type());
+  f(std::false_type(), std::false_type());
 }
 
 // The gradients from the Q coefficient maps: box-sum them (the box is its own adjoint) and
@@ -274,39 +323,33 @@ void grad_pass(const Geometry& g, const at::Tensor& coef, double scale, const at
   const T *pa = a.data_ptr<T>(), *pb = b.data_ptr<T>();
   T* pga = need_a ? ga.data_ptr<T>() : nullptr;
   T* pgb = need_b ? gb.data_ptr<T>() : nullptr;
-  const int64_t jo = (need_a ? 4 : 1) * HW;  // first of dL/dJ's three maps
+  const int64_t W = g.W, jo = (need_a ? 4 : 1) * W;  // first of dL/dJ's three maps
   for_chunks<Q, S>(g.B * g.C, g.D, g.H, g.W, g.k,
                    [&](auto& stream, int64_t bc, int64_t d0, int64_t d1, int64_t) {
     const int64_t bi = bc / g.C, ci = bc % g.C;
     const S* cb = pc + bc * DHW;
-    auto load = [&](int64_t z, int64_t h, S* const* rows) {
-      for (int q = 0; q < Q; ++q) {
-        const S* src = cb + q * qstride + z * HW + h * g.W;
-        std::copy(src, src + g.W, rows[q]);
-      }
+    auto load = [&](int64_t z, int64_t h, S* const*, const S** rows) {
+      for (int q = 0; q < Q; ++q) rows[q] = cb + q * qstride + z * HW + h * g.W;
     };
-    auto consume = [&](int64_t d, const double* P) {
-      for (int64_t h = 0; h < g.H; ++h) {
-        const double* Ph = P + h * g.W;
-        const T* ah = pa + bi * sa.b + ci * sa.c + d * sa.d + h * sa.h;
-        const T* bh = pb + bi * sb.b + ci * sb.c + d * sb.d + h * sb.h;
-        if (pga) {
-          T* o = pga + bi * sga.b + ci * sga.c + d * sga.d + h * sga.h;
+    auto consume = [&](int64_t d, int64_t h, const double* R) {
+      const T* ah = pa + bi * sa.b + ci * sa.c + d * sa.d + h * sa.h;
+      const T* bh = pb + bi * sb.b + ci * sb.c + d * sb.d + h * sb.h;
+      if (pga) {
+        T* o = pga + bi * sga.b + ci * sga.c + d * sga.d + h * sga.h;
 #pragma omp simd
-          for (int64_t w = 0; w < g.W; ++w) {
-            o[w * sga.w] = T(scale * gvsl::lncc_grad(double(ah[w * sa.w]), double(bh[w * sb.w]),
-                                                     Ph[w], Ph[HW + w], Ph[2 * HW + w],
-                                                     Ph[3 * HW + w]));
-          }
+        for (int64_t w = 0; w < g.W; ++w) {
+          o[w * sga.w] = T(scale * gvsl::lncc_grad(double(ah[w * sa.w]), double(bh[w * sb.w]),
+                                                   R[w], R[W + w], R[2 * W + w],
+                                                   R[3 * W + w]));
         }
-        if (pgb) {
-          T* o = pgb + bi * sgb.b + ci * sgb.c + d * sgb.d + h * sgb.h;
+      }
+      if (pgb) {
+        T* o = pgb + bi * sgb.b + ci * sgb.c + d * sgb.d + h * sgb.h;
 #pragma omp simd
-          for (int64_t w = 0; w < g.W; ++w) {
-            o[w * sgb.w] = T(scale * gvsl::lncc_grad(double(bh[w * sb.w]), double(ah[w * sa.w]),
-                                                     Ph[w], Ph[jo + w], Ph[jo + HW + w],
-                                                     Ph[jo + 2 * HW + w]));
-          }
+        for (int64_t w = 0; w < g.W; ++w) {
+          o[w * sgb.w] = T(scale * gvsl::lncc_grad(double(bh[w * sb.w]), double(ah[w * sa.w]),
+                                                   R[w], R[jo + w], R[jo + W + w],
+                                                   R[jo + 2 * W + w]));
         }
       }
     };
@@ -317,7 +360,7 @@ void grad_pass(const Geometry& g, const at::Tensor& coef, double scale, const at
 // Q coefficient maps of one (B*C, D, H, W) volume each, in the accumulation dtype.
 at::Tensor coef_buffer(const Geometry& g, int Q, const at::Tensor& a) {
   const auto acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::empty({Q, g.B * g.C, g.D, g.H, g.W}, a.options().dtype(acc));
+  return gvsl::huge_pages(at::empty({Q, g.B * g.C, g.D, g.H, g.W}, a.options().dtype(acc)));
 }
 
 // Calls f(std::integral_constant<int, preset>).
@@ -349,15 +392,13 @@ std::tuple<at::Tensor, at::Tensor> lncc_forward_cpu(const at::Tensor& a, const a
     with_preset(preset, [&](auto k) {
       constexpr int kP = decltype(k)::value;
       if (map) {
-        stats_pass<1, false, kP, scalar_t, S>(g, p, a, b, out, {}, {}, false, false);
-      } else if (maps) {
-        gvsl::with_maps(need_a, need_b, [&](auto q) {
-          total = stats_pass<decltype(q)::value, true, kP, scalar_t, S>(g, p, a, b, {}, {}, coef,
-                                                                        need_a, need_b);
-        });
-      } else {
-        total = stats_pass<1, true, kP, scalar_t, S>(g, p, a, b, {}, {}, {}, false, false);
+        stats_pass<false, false, false, kP, scalar_t, S>(g, p, a, b, out, {}, {});
+        return;
       }
+      with_needs(need_a, need_b, [&](auto na, auto nb) {
+        total = stats_pass<decltype(na)::value, decltype(nb)::value, true, kP, scalar_t, S>(
+            g, p, a, b, {}, {}, coef);
+      });
     });
     if (!map) out.fill_(reduction == gvsl::kLnccMean ? total / double(a.numel()) : total);
   });
@@ -373,8 +414,8 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad, con
                                                      double smooth_nr, bool need_a, bool need_b) {
   const Geometry g = check_inputs(a, b, window);
   const auto p = params_of(window, eps, preset, smooth_nr);
-  at::Tensor ga = need_a ? at::empty_like(a) : at::empty({0}, a.options());
-  at::Tensor gb = need_b ? at::empty_like(b) : at::empty({0}, b.options());
+  at::Tensor ga = need_a ? gvsl::huge_pages(at::empty_like(a)) : at::empty({0}, a.options());
+  at::Tensor gb = need_b ? gvsl::huge_pages(at::empty_like(b)) : at::empty({0}, b.options());
   if (!need_a && !need_b) return {ga, gb};
   const int Q = 1 + 3 * need_a + 3 * need_b;
   const bool saved = coef.numel() > 0;
@@ -386,16 +427,19 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad, con
                 "lncc_backward: grad must be a scalar with coef, else a map of a's shape");
     TORCH_CHECK(!saved || (coef.size(0) == Q && coef.scalar_type() == grad.scalar_type()),
                 "lncc_backward: coef must hold the maps of the inputs that need gradients");
-    gvsl::with_maps(need_a, need_b, [&](auto q) {
-      if (saved) {
-        grad_pass<decltype(q)::value, scalar_t, S>(g, coef, grad.item<double>(), a, b, ga, gb);
-      } else {
-        const at::Tensor maps = coef_buffer(g, Q, a);
+    with_needs(need_a, need_b, [&](auto na, auto nb) {
+      constexpr bool kA = decltype(na)::value, kB = decltype(nb)::value;
+      constexpr int kQ = 1 + 3 * kA + 3 * kB;
+      if constexpr (kA || kB) {
+        if (saved) {
+          grad_pass<kQ, scalar_t, S>(g, coef, grad.item<double>(), a, b, ga, gb);
+          return;
+        }
+        const at::Tensor maps = coef_buffer(g, kQ, a);
         with_preset(preset, [&](auto k) {
-          stats_pass<decltype(q)::value, false, decltype(k)::value, scalar_t, S>(
-              g, p, a, b, {}, grad, maps, need_a, need_b);
+          stats_pass<kA, kB, false, decltype(k)::value, scalar_t, S>(g, p, a, b, {}, grad, maps);
         });
-        grad_pass<decltype(q)::value, scalar_t, S>(g, maps, 1.0, a, b, ga, gb);
+        grad_pass<kQ, scalar_t, S>(g, maps, 1.0, a, b, ga, gb);
       }
     });
   });
