@@ -16,7 +16,7 @@ from common import rel_err
 
 from gvsl_fast.cli import main
 from gvsl_fast.models import GVSL, UNet3D
-from gvsl_fast.train import checkpoint
+from gvsl_fast.train import checkpoint, loop
 from gvsl_fast.train.config import TrainConfig
 from gvsl_fast.train.logs import LOSSES, TRAIN_COLUMNS
 from gvsl_fast.train.loop import build_model, pretrain
@@ -63,6 +63,19 @@ def test_default_amp_run_learns_on_real_anatomy(tmp_path, cohort_cache, monkeypa
     assert checkpoint.list_checkpoints(out)[-1].name == "ckpt_00000060.pt"
     for png in ("loss_curves.png", "registration_preview.png"):
         assert (out / png).read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("bf16_kernels", [True, False])
+def test_amp_on_the_cpu_uses_bf16_only_with_bf16_kernels(tmp_path, cohort_cache, monkeypatch,
+                                                         capsys, bf16_kernels):
+    """`--amp` on a CPU: bf16 autocast where oneDNN has bf16 kernels; elsewhere (bf16
+    convolutions ~10x slower than fp32) the run trains in fp32 and says so once."""
+    monkeypatch.setattr(loop, "cpu_has_bf16_kernels", lambda: bf16_kernels)
+    trainer = loop.Trainer(_cfg(tmp_path / "run", cohort_cache, amp=True))
+    assert trainer.amp_dtype == (torch.bfloat16 if bf16_kernels else None)
+    assert not trainer.scaler.is_enabled()
+    err = capsys.readouterr().err
+    assert err.count("--amp off") == (0 if bf16_kernels else 1), err
 
 
 def test_fast_step_matches_reference_step():

@@ -41,11 +41,25 @@ def choose_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where supported (CPUs, Ampere and newer GPUs), else fp16 with a GradScaler."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN runs bf16 on this CPU (what routes bf16 convolutions to it)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def amp_dtype(device: torch.device) -> tuple[torch.dtype | None, str | None]:
+    """The autocast dtype of ``--amp`` on ``device``, and why AMP is off where it is.
+
+    bf16 on GPUs that support it (Ampere and newer), else fp16 with a GradScaler. On a CPU,
+    bf16 where oneDNN has bf16 kernels (AVX-512 or AMX); elsewhere PyTorch's bf16 convolutions
+    fall back to a generic GEMM about 10x slower than fp32, so ``--amp`` trains in fp32 there.
+    """
+    if device.type == "cuda":
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
+    if device.type == "cpu" and not cpu_has_bf16_kernels():
+        isa = torch.backends.cpu.get_cpu_capability()
+        return None, (f"this CPU ({isa}) has no bf16 kernels in oneDNN, and bf16 convolutions "
+                      "without them run about 10x slower than fp32")
+    return torch.bfloat16, None
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
@@ -96,7 +110,9 @@ class Trainer:
             self.model.backbone.compile()
         self.forward = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         self.optimizer = make_optimizer(self.model.parameters(), cfg, self.device)
-        self.amp_dtype = amp_dtype(self.device) if cfg.amp else None
+        self.amp_dtype, amp_off = amp_dtype(self.device) if cfg.amp else (None, None)
+        if amp_off is not None and self.dist.is_main:
+            print(f"gvsl-fast: --amp off: {amp_off}; training in float32", file=sys.stderr)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16)
         self.appearance = AppearanceTransform()
