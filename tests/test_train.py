@@ -19,7 +19,7 @@ from gvsl_fast.models import GVSL, UNet3D
 from gvsl_fast.train import checkpoint, loop
 from gvsl_fast.train.config import TrainConfig
 from gvsl_fast.train.logs import LOSSES, TRAIN_COLUMNS
-from gvsl_fast.train.loop import build_model, pretrain
+from gvsl_fast.train.loop import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -37,8 +37,9 @@ def cohort_cache(tmp_path_factory) -> Path:
 
 
 def _cfg(out: Path, cache: Path, **kw) -> TrainConfig:
+    # keep_last=1: a checkpoint of the paper's model (with Adam's moments) is ~390 MB
     base = dict(out=out, steps=4, patch=(16, 16, 16), spacing=2.0, batch_size=1, save_every=2,
-                progress=False, workers=0, loader="torch")
+                keep_last=1, progress=False, workers=0, loader="torch")
     base.update(kw)
     return TrainConfig(cache=str(cache), **base)
 
@@ -51,7 +52,7 @@ def test_default_amp_run_learns_on_real_anatomy(tmp_path, cohort_cache, monkeypa
     monkeypatch.setenv("GVSL_FAST_CACHE", str(cohort_cache))
     out = tmp_path / "run"
     code = main(["pretrain", "--amp", "--out", str(out), "--steps", "60", "--patch", "32",
-                 "--save-every", "30", "--no-progress", "--lr", "3e-4"])
+                 "--save-every", "30", "--keep-last", "1", "--no-progress", "--lr", "3e-4"])
     assert code == 0
     assert len(_history(out)) == 60
     with (out / "eval.csv").open() as f:
@@ -153,6 +154,21 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_a_failed_save_names_the_file_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    path = checkpoint.save({"step": 1}, tmp_path / "ckpt_00000001.pt")
+    before = path.read_bytes()
+
+    def full(obj, f, *a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt_00000002\.pt: could not write "
+                       r"the checkpoint \(OSError: \[Errno 28\] No space left on device\)"):
+        checkpoint.save({"step": 2}, tmp_path / "ckpt_00000002.pt", keep_last=1)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_export_and_info(tmp_path, cohort_cache, capsys):
     out = tmp_path / "run"
     pretrain(_cfg(out, cohort_cache, steps=2))
@@ -196,15 +212,16 @@ def test_compile_matches_eager_and_checkpoints_interchange(tmp_path, cohort_cach
     ck_eager = checkpoint.load(eager / "ckpt_00000002.pt")
     ck_compiled = checkpoint.load(compiled / "ckpt_00000002.pt")
     assert list(ck_compiled["model"]) == list(ck_eager["model"])  # no `_orig_mod.` keys
-    # the two runs' weight updates agree (Adam scales every update to about lr, so weights
-    # with near-zero gradients differ by up to lr per step: compare whole updates, not elements)
-    torch.manual_seed(0)
-    init = build_model(TrainConfig().resolved("cpu"), torch.device("cpu")).state_dict()
-    apart = sum((v - ck_eager["model"][k]).double().square().sum()
-                for k, v in ck_compiled["model"].items() if v.is_floating_point())
-    moved = sum((ck_eager["model"][k] - v).double().square().sum()
-                for k, v in init.items() if v.is_floating_point())
-    assert 0 < apart.sqrt() < 1e-2 * moved.sqrt()  # 0 would mean inductor's code never ran
+    # the two runs' weight updates agree. Adam's first updates are about lr * sign(gradient),
+    # so a weight whose gradient is rounding noise (a bias before a normalization) moves by
+    # +-lr either way, and how many do depends on the CPU's instruction set; a wrong compiled
+    # backward would move most weights differently
+    lr = TrainConfig().lr
+    weights = [(v, ck_eager["model"][k]) for k, v in ck_compiled["model"].items()
+               if v.is_floating_point()]
+    assert any(not torch.equal(c, e) for c, e in weights)  # else inductor's code never ran
+    apart = sum(int(((c - e).abs() > lr).sum()) for c, e in weights)
+    assert apart < 1e-2 * sum(c.numel() for c, _ in weights), apart
 
     # a checkpoint written before the in-place compile (`backbone._orig_mod.` keys) resumes too
     legacy = tmp_path / "legacy"
@@ -217,18 +234,20 @@ def test_compile_matches_eager_and_checkpoints_interchange(tmp_path, cohort_cach
     pretrain(_cfg(eager, cohort_cache, steps=3, resume="auto", compile=True))
     from_compiled, from_eager = _history(compiled)[-1], _history(eager)[-1]
     assert from_compiled["step"] == from_eager["step"] == "3"
-    for k in LOSSES:
-        assert _close(from_compiled[k], from_eager[k]), (k, from_compiled[k], from_eager[k])
+    for k in LOSSES:  # from step-2 weights that differ by those +-lr moves
+        assert _close(from_compiled[k], from_eager[k], rtol=1e-3), (k, from_compiled[k],
+                                                                    from_eager[k])
     assert [{k: r[k] for k in LOSSES} for r in _history(legacy)] == [
         {k: from_compiled[k] for k in LOSSES}]
     ck_legacy = checkpoint.load(legacy / "ckpt_00000003.pt")["model"]
-    for k, v in checkpoint.load(compiled / "ckpt_00000003.pt")["model"].items():
+    ck_compiled = checkpoint.load(compiled / "ckpt_00000003.pt")["model"]
+    for k, v in ck_compiled.items():
         assert torch.equal(v, ck_legacy[k]), k
 
-    assert main(["export", str(compiled / "ckpt_00000002.pt"), str(tmp_path / "net.pt")]) == 0
+    assert main(["export", str(compiled / "ckpt_00000003.pt"), str(tmp_path / "net.pt")]) == 0
     net = UNet3D.from_pretrained(tmp_path / "net.pt")
     for k, v in net.state_dict().items():
-        assert torch.equal(v, ck_compiled["model"][f"backbone.{k}"]), k
+        assert torch.equal(v, ck_compiled[f"backbone.{k}"]), k
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path, cohort_cache, capsys):

@@ -42,8 +42,11 @@ def save(state: dict, path: Path, keep_last: int | None = None) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception):  # a full disk, say: name the file; earlier ones are intact
+            raise CheckpointError(f"{path}: could not write the checkpoint "
+                                  f"({type(e).__name__}: {e})") from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
