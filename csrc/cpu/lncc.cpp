@@ -46,7 +46,7 @@ class BoxStream {
  public:
   BoxStream(int64_t H, int64_t W, int k)
       : H_(H), W_(W), r_(k / 2), new_(M * W), old_(M * W), plane_(M * H * W), hacc_(M * W),
-        zeros_(W, 0.0), prefix_(W + k), out_(M * W) {}
+        zeros_(W, 0.0), prefix_(M * (W + k)), out_(M * W) {}
 
   template <class Load, class Consume>
   void run(int64_t D, int64_t d0, int64_t d1, Load& load, Consume& consume) {
@@ -97,7 +97,7 @@ class BoxStream {
     for (int64_t y = 0; y < std::min<int64_t>(r_, H_); ++y) hrow(y, -1);
     for (int64_t h = 0; h < H_; ++h) {
       hrow(h + r_ < H_ ? h + r_ : -1, h - r_ - 1);
-      for (int m = 0; m < M; ++m) wsum(hacc_.data() + m * W_, out_.data() + m * W_);
+      wsum();
       consume(d, h, static_cast<const double*>(out_.data()));
     }
   }
@@ -113,21 +113,32 @@ class BoxStream {
     }
   }
 
-  // Zero-padded window sums along one row of W doubles: P[i] holds the sum of x[0 .. i - r - 1]
-  // (zero for i <= r, the row total past its end), so the window of w is P[w + k] - P[w].
-  void wsum(const double* __restrict__ x, double* __restrict__ out) {
-    const int64_t k = 2 * r_ + 1;
+  // Zero-padded window sums along W of the M rows of hacc_, into out_: P[i] holds the sum of
+  // x[0 .. i - r - 1] (zero for i <= r, the row total past its end), so the window of w is
+  // P[w + k] - P[w]. The M running sums advance together: M independent chains in flight
+  // rather than one chain of adds at a time.
+  void wsum() {
+    const int64_t k = 2 * r_ + 1, L = W_ + k;
     double* __restrict__ P = prefix_.data();
-    for (int64_t i = 0; i <= r_; ++i) P[i] = 0.0;
-    double run = 0.0;
-#pragma omp simd reduction(inscan, + : run)
-    for (int64_t w = 0; w < W_; ++w) {
-      run += x[w];
-#pragma omp scan inclusive(run)
-      P[r_ + 1 + w] = run;
+    const double* __restrict__ x = hacc_.data();
+    double run[M];
+    for (int m = 0; m < M; ++m) {
+      run[m] = 0.0;
+      for (int64_t i = 0; i <= r_; ++i) P[m * L + i] = 0.0;
     }
-    for (int64_t i = W_ + r_ + 1; i < W_ + k; ++i) P[i] = run;
-    for (int64_t w = 0; w < W_; ++w) out[w] = P[w + k] - P[w];
+    for (int64_t w = 0; w < W_; ++w) {
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        run[m] += x[m * W_ + w];
+        P[m * L + r_ + 1 + w] = run[m];
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      for (int64_t i = W_ + r_ + 1; i < L; ++i) P[m * L + i] = run[m];
+      double* __restrict__ out = out_.data() + m * W_;
+      const double* __restrict__ Pm = P + m * L;
+      for (int64_t w = 0; w < W_; ++w) out[w] = Pm[w + k] - Pm[w];
+    }
   }
 
   const int64_t H_, W_;
