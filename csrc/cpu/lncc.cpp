@@ -243,7 +243,7 @@ template <bool kA, bool kB, bool kLoss, int kPreset, typename T, typename S>
 double stats_pass(const Geometry& g, const LnccParams<double>& params, const at::Tensor& a,
                   const at::Tensor& b, const at::Tensor& cc, const at::Tensor& grad,
                   const at::Tensor& coef) {
-  constexpr int Q = 1 + 3 * kA + 3 * kB;
+  constexpr int Q = gvsl::lncc_map_count(kA, kB);
   const int64_t HW = g.H * g.W, DHW = g.D * HW, qstride = g.B * g.C * DHW;
   T* po = cc.defined() ? cc.data_ptr<T>() : nullptr;
   const Strides so = strides_of(cc.defined() ? cc : a);
@@ -395,8 +395,8 @@ std::tuple<at::Tensor, at::Tensor> lncc_forward_cpu(const at::Tensor& a, const a
   const bool map = reduction == gvsl::kLnccNone, maps = !map && (need_a || need_b);
   const auto acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = map ? at::empty_like(a) : at::empty({}, a.options().dtype(acc));
-  at::Tensor coef =
-      maps ? coef_buffer(g, 1 + 3 * need_a + 3 * need_b, a) : at::empty({0}, out.options());
+  at::Tensor coef = maps ? coef_buffer(g, gvsl::lncc_map_count(need_a, need_b), a)
+                         : at::empty({0}, out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lncc_forward", [&] {
     using S = gvsl::acc_t<scalar_t>;
     double total = 0.0;
@@ -428,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad, con
   at::Tensor ga = need_a ? gvsl::huge_pages(at::empty_like(a)) : at::empty({0}, a.options());
   at::Tensor gb = need_b ? gvsl::huge_pages(at::empty_like(b)) : at::empty({0}, b.options());
   if (!need_a && !need_b) return {ga, gb};
-  const int Q = 1 + 3 * need_a + 3 * need_b;
+  const int Q = gvsl::lncc_map_count(need_a, need_b);
   const bool saved = coef.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lncc_backward", [&] {
     using S = gvsl::acc_t<scalar_t>;
@@ -440,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad, con
                 "lncc_backward: coef must hold the maps of the inputs that need gradients");
     with_needs(need_a, need_b, [&](auto na, auto nb) {
       constexpr bool kA = decltype(na)::value, kB = decltype(nb)::value;
-      constexpr int kQ = 1 + 3 * kA + 3 * kB;
+      constexpr int kQ = gvsl::lncc_map_count(kA, kB);
       if constexpr (kA || kB) {
         if (saved) {
           grad_pass<kQ, scalar_t, S>(g, coef, grad.item<double>(), a, b, ga, gb);

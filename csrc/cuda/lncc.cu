@@ -393,7 +393,7 @@ Problem check_inputs(const at::Tensor& a, const at::Tensor& b, int64_t window, d
 }
 
 at::Tensor coef_buffer(const Problem& pr, bool need_a, bool need_b, const at::Tensor& a) {
-  return at::empty({1 + 3 * need_a + 3 * need_b, pr.BC, pr.s.D, pr.s.H, pr.s.W},
+  return at::empty({gvsl::lncc_map_count(need_a, need_b), pr.BC, pr.s.D, pr.s.H, pr.s.W},
                    a.options().dtype(at::kFloat));
 }
 
@@ -469,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cuda(const at::Tensor& grad, co
                   (saved ? grad.numel() == 1 : grad.sizes() == a.sizes()),
               "lncc_backward: grad must be float32 on a's device: a scalar with coef, else a map "
               "of a's shape");
-  const int Q = 1 + 3 * need_a + 3 * need_b;
+  const int Q = gvsl::lncc_map_count(need_a, need_b);
   TORCH_CHECK(!saved || (coef.size(0) == Q && coef.scalar_type() == at::kFloat &&
                          coef.is_contiguous()),
               "lncc_backward: coef must hold the maps of the inputs that need gradients");
