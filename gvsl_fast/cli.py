@@ -47,8 +47,8 @@ def add_pretrain(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true",
-                   help="mixed precision: bf16 where supported, else fp16 with a GradScaler "
-                   "on GPUs and fp32 on CPUs")
+                   help="mixed precision: bf16 where supported; elsewhere fp16 with a "
+                   "GradScaler on GPUs, fp32 on CPUs")
     p.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto")
     p.add_argument("--workers", type=int, default=2, help="loader worker threads")
     p.add_argument("--ops-backend", default="auto",

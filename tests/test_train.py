@@ -240,14 +240,14 @@ def test_compile_matches_eager_and_checkpoints_interchange(tmp_path, cohort_cach
     assert [{k: r[k] for k in LOSSES} for r in _history(legacy)] == [
         {k: from_compiled[k] for k in LOSSES}]
     ck_legacy = checkpoint.load(legacy / "ckpt_00000003.pt")["model"]
-    ck_compiled = checkpoint.load(compiled / "ckpt_00000003.pt")["model"]
-    for k, v in ck_compiled.items():
+    step3_compiled = checkpoint.load(compiled / "ckpt_00000003.pt")["model"]
+    for k, v in step3_compiled.items():
         assert torch.equal(v, ck_legacy[k]), k
 
     assert main(["export", str(compiled / "ckpt_00000003.pt"), str(tmp_path / "net.pt")]) == 0
     net = UNet3D.from_pretrained(tmp_path / "net.pt")
     for k, v in net.state_dict().items():
-        assert torch.equal(v, ck_compiled[f"backbone.{k}"]), k
+        assert torch.equal(v, step3_compiled[f"backbone.{k}"]), k
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path, cohort_cache, capsys):
