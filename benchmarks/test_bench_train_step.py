@@ -10,9 +10,10 @@ Paths:
   as dense 9^3 convolutions (benchmarks/baselines.py).
 
 Breakdown ("outside the convolutions"): the transforms of a batch plus the forward and backward
-of the registration ops and losses on tensors shaped as in the step (32-channel features); the
-convolutions are the rest of the step. CPU: 2x1x64^3. GPU: 2x1x128^3, fp32 and AMP, with peak
-memory.
+of the registration ops and losses on tensors shaped and laid out as in the step (32-channel
+features, with the upstream gradient of their warp injected as the deformable head's backward
+would return it); the convolutions are the rest of the step. CPU: 2x1x64^3. GPU: 2x1x128^3,
+fp32 and AMP, with peak memory.
 """
 
 from __future__ import annotations
@@ -112,24 +113,26 @@ def _outside_fn(path: str, device, size):
     gen = torch.Generator(device=device)
     a = torch.rand(2, 1, *size, device=device)
     b = torch.rand(2, 1, *size, device=device)
-    feats = torch.randn(2, 32, *size, device=device)
     theta0 = torch.eye(3, 4, device=device).repeat(2, 1, 1) + 0.02 * torch.randn(2, 3, 4,
                                                                                   device=device)
-    flow0 = torch.randn(2, 3, *size, device=device)
-    restored0 = torch.rand(2, 1, *size, device=device)
+    # the heads' outputs (local features, flow, restoration) and the gradient the deformable
+    # head returns for the warped features, in the layout each path's step has them (the fast
+    # U-Net and heads run channels_last_3d)
+    feats, grad_feats, flow0, restored0 = _layout(
+        path, torch.randn(2, 32, *size, device=device), torch.randn(2, 32, *size, device=device),
+        torch.randn(2, 3, *size, device=device), torch.rand(2, 1, *size, device=device))
 
     def run():
         gen.manual_seed(0)
         a_, _, b_ = _layout(path, *transforms(a, b, gen))
-        f = _layout(path, feats)[0].clone().requires_grad_()
-        theta = theta0.clone().requires_grad_()
-        flow = flow0.clone().requires_grad_()
-        restored = restored0.clone().requires_grad_()
+        # fresh leaves on the same storage: no copies that the step would not make
+        f, theta, flow, restored = (t.detach().requires_grad_()
+                                    for t in (feats, theta0, flow0, restored0))
         moved_feats = model._op("affine_warp")(f, theta, align_corners=False)
         warped = model.warp_moving(a_, theta, flow)
         loss = (model._op("lncc")(warped, b_, window=9) + reference.smooth_loss(flow)
-                + F.mse_loss(restored, a_) + moved_feats.mean())
-        loss.backward()
+                + F.mse_loss(restored, a_))
+        torch.autograd.backward((loss, moved_feats), (None, grad_feats))
 
     return run
 
