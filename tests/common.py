@@ -3,8 +3,9 @@ host check of the CUDA sampler's per-voxel math."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -26,6 +27,31 @@ def tolerance(device: str | torch.device, dtype: torch.dtype) -> float:
     if dtype in HALF:
         return 1e-2
     return 1e-4 if torch.device(device).type == "cuda" else 1e-5
+
+
+# A channel count that the CPU's channel-vector loops (channels_last images from 8 channels on)
+# split into whole vectors (8 float or 4 double channels) plus a remainder, on 1 and 2 threads.
+VECTOR_CHANNELS = 19
+
+
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block: the CPU kernels split work
+    (channels among them) by it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def channel_vector_cases(backend: str) -> list[tuple[int, torch.dtype]]:
+    """(threads, dtype) pairs for the many-channel tests: the CPU kernels on 1 and 2 threads in
+    float32 and float64; the other backends once, in float32."""
+    if backend != "cpu":
+        return [(torch.get_num_threads(), torch.float32)]
+    return [(t, dt) for t in (1, 2) for dt in (torch.float32, torch.float64)]
 
 
 def fast_backends() -> list[tuple[str, str]]:

@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from common import (
     HALF,
     HOST_DTYPES,
+    VECTOR_CHANNELS,
     backend_ids,
+    channel_vector_cases,
     check_host_sampler,
     fast_backends,
+    num_threads,
     rel_err,
     tolerance,
 )
@@ -32,10 +35,10 @@ def _theta(batch, device, spread=0.25, dtype=torch.float32):
     return th.to(device=device, dtype=dtype)
 
 
-def _grads(out, inputs, seed=0):
+def _grads(out, inputs, seed=0, layout=torch.contiguous_format):
     g = torch.Generator().manual_seed(seed)
     go = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-    return torch.autograd.grad(out, inputs, go)
+    return torch.autograd.grad(out, inputs, go.contiguous(memory_format=layout))
 
 
 def _check(out, ref, device, dtype):
@@ -198,16 +201,22 @@ def test_errors():
 @pytest.mark.parametrize("layout", (torch.contiguous_format, torch.channels_last_3d))
 def test_many_channels(device, backend, layout):
     """GVSL warps 32-channel features; from 8 channels on, a channels_last image takes the CPU's
-    channel-vector loops: values, both gradients and the image gradient's layout, both layouts."""
+    channel-vector loops (whole vectors and a remainder, channels split among threads): values,
+    both gradients under an upstream gradient in either layout, and the image gradient's layout."""
     torch.manual_seed(5)
-    image = torch.randn(2, 13, 6, 7, 9, device=device).contiguous(memory_format=layout)
-    theta = _theta(2, device)
-    args = [t.clone().requires_grad_() for t in (image, theta)]
-    out = affine_warp(*args, backend=backend)
-    grads = _grads(out, args)
-    assert grads[0].stride() == image.stride()
-    ref_args = [t.detach().contiguous().requires_grad_() for t in (image, theta)]
-    ref = reference.affine_warp(*ref_args)
-    _check(out, ref, device, torch.float32)
-    for g, r in zip(grads, _grads(ref, ref_args), strict=True):
-        _check(g, r, device, torch.float32)
+    for threads, dtype in channel_vector_cases(backend):
+        image = torch.randn(2, VECTOR_CHANNELS, 6, 7, 9, device=device, dtype=dtype)
+        image = image.contiguous(memory_format=layout)
+        theta = _theta(2, device, dtype=dtype)
+        ref_args = [t.detach().contiguous().requires_grad_() for t in (image, theta)]
+        ref = reference.affine_warp(*ref_args)
+        ref_grads = _grads(ref, ref_args)
+        for grad_layout in (torch.contiguous_format, layout):
+            args = [t.clone().requires_grad_() for t in (image, theta)]
+            with num_threads(threads):
+                out = affine_warp(*args, backend=backend)
+                grads = _grads(out, args, layout=grad_layout)
+            assert grads[0].stride() == image.stride()
+            _check(out, ref, device, dtype)
+            for g, r in zip(grads, ref_grads, strict=True):
+                _check(g, r, device, dtype)

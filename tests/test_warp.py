@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from common import (
     HALF,
     HOST_DTYPES,
+    VECTOR_CHANNELS,
     backend_ids,
+    channel_vector_cases,
     check_host_sampler,
     fast_backends,
+    num_threads,
     rel_err,
     tolerance,
 )
@@ -38,10 +41,10 @@ def _flow(shape, device, dtype=torch.float32, scale=3.0, identity_slab=True):
     return f.to(dtype)
 
 
-def _grads(out, inputs, seed=0):
+def _grads(out, inputs, seed=0, layout=torch.contiguous_format):
     g = torch.Generator().manual_seed(seed)
     go = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-    return torch.autograd.grad(out, inputs, go)
+    return torch.autograd.grad(out, inputs, go.contiguous(memory_format=layout))
 
 
 def _check(out, ref, device, dtype):
@@ -338,18 +341,23 @@ def test_errors():
 @pytest.mark.parametrize("layout", (torch.contiguous_format, torch.channels_last_3d))
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_many_channels(device, backend, layout, padding):
-    """From 8 channels on, a channels_last image takes the CPU's channel-vector loops: values,
-    both gradients and the image gradient's layout, both layouts."""
+    """From 8 channels on, a channels_last image takes the CPU's channel-vector loops (whole
+    vectors and a remainder, channels split among threads): values, both gradients under an
+    upstream gradient in either layout, and the image gradient's layout."""
     torch.manual_seed(6)
-    shape = (2, 11, 6, 7, 9)
-    image = torch.randn(shape, device=device).contiguous(memory_format=layout)
-    flow = _flow(shape, device)
-    args = [t.clone().requires_grad_() for t in (image, flow)]
-    out = warp(*args, padding_mode=padding, backend=backend)
-    grads = _grads(out, args)
-    assert grads[0].stride() == image.stride()
-    ref_args = [t.detach().contiguous().requires_grad_() for t in (image, flow)]
-    ref = reference.warp(*ref_args, padding_mode=padding)
-    _check(out, ref, device, torch.float32)
-    for g, r in zip(grads, _grads(ref, ref_args), strict=True):
-        _check(g, r, device, torch.float32)
+    shape = (2, VECTOR_CHANNELS, 6, 7, 9)
+    for threads, dtype in channel_vector_cases(backend):
+        image = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+        flow = _flow(shape, device, dtype=dtype)
+        ref_args = [t.detach().contiguous().requires_grad_() for t in (image, flow)]
+        ref = reference.warp(*ref_args, padding_mode=padding)
+        ref_grads = _grads(ref, ref_args)
+        for grad_layout in (torch.contiguous_format, layout):
+            args = [t.clone().requires_grad_() for t in (image, flow)]
+            with num_threads(threads):
+                out = warp(*args, padding_mode=padding, backend=backend)
+                grads = _grads(out, args, layout=grad_layout)
+            assert grads[0].stride() == image.stride()
+            _check(out, ref, device, dtype)
+            for g, r in zip(grads, ref_grads, strict=True):
+                _check(g, r, device, dtype)

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include "cpu/memory.h"
 #include "compose_host.h"
 #include "cpu/sampler.h"
 
@@ -237,8 +238,8 @@ std::vector<at::Tensor> backward_cpu(const ComposeArgs<S>& a, const at::Tensor& 
   const int ranges = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)));
   std::vector<at::Tensor> dflow, dimage;
   for (int v = 0; v < ranges; ++v) {
-    if (need.flow) dflow.push_back(at::zeros_like(flow, acc));
-    if (need.image) dimage.push_back(at::zeros_like(image, acc));
+    if (need.flow) dflow.push_back(huge_zeros_like(flow, c10::CppTypeToScalarType<T>::value));
+    if (need.image) dimage.push_back(huge_zeros_like(image, c10::CppTypeToScalarType<T>::value));
   }
   for (const auto* bufs : {&dflow, &dimage})
     for (const auto& t : *bufs)

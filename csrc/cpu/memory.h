@@ -1,4 +1,4 @@
-// Large CPU outputs. A fresh buffer of more than glibc's mmap threshold (32 MiB at most) is
+// Large CPU outputs and scatter buffers. A fresh buffer of more than glibc's mmap threshold (32 MiB at most) is
 // new memory each time: one page fault per 4 KiB page on its first write, which cost as much as
 // the lncc kernel that fills its coefficient maps. Asking for transparent huge pages makes that
 // one fault per 2 MiB where the system allows them (THP "madvise" or "always"); elsewhere the
@@ -23,6 +23,12 @@ inline at::Tensor huge_pages(at::Tensor t) {
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
   return t;
+}
+
+// A zero-filled tensor with t's sizes and strides in `dtype` (a scatter's accumulation buffer),
+// its pages hinted huge before the fill touches them.
+inline at::Tensor huge_zeros_like(const at::Tensor& t, at::ScalarType dtype) {
+  return huge_pages(at::empty_like(t, t.options().dtype(dtype))).zero_();
 }
 
 }  // namespace gvsl

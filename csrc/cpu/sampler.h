@@ -12,8 +12,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/memory.h"
 #include "sampler_host.h"
 
 namespace gvsl::cpu {
@@ -31,6 +34,32 @@ constexpr int kBlock = 32;
 // than the other loops for 32 channels; converting a contiguous image costs about that gain, so
 // contiguous images keep their own loops.
 constexpr int kChannelVector = 8;
+
+// A 32-byte vector of T (the GCC/Clang vector extension) for the channels-last loops over
+// channels, written out because GCC 12 left their omp simd form scalar (the backward's channel
+// reduction beside its scatter): 32 channels of affine_warp's backward went from 250 to 90 ms
+// on an AVX2 CPU. Loads and stores are unaligned; a stride other than 1 goes element by element.
+template <typename T> struct LanesOf {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T> using Lanes = typename LanesOf<T>::type;
+template <typename T> constexpr int lanes() { return int(32 / sizeof(T)); }
+template <typename T> inline Lanes<T> load_lanes(const T* p, int64_t stride = 1) {
+  Lanes<T> v;
+  if (stride == 1) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    for (int l = 0; l < lanes<T>(); ++l) v[l] = p[l * stride];
+  }
+  return v;
+}
+template <typename T> inline void store_lanes(T* p, const Lanes<T>& v, int64_t stride = 1) {
+  if (stride == 1) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    for (int l = 0; l < lanes<T>(); ++l) p[l * stride] = v[l];
+  }
+}
 
 inline bool channel_vector(const Geometry& g) { return g.C >= kChannelVector && g.is[1] == 1; }
 
@@ -80,6 +109,15 @@ template <typename T, typename I, bool kGrad> struct RowStencils {
     }
   }
 
+  // Voxel v's eight corners as element pointers into `base` (a channels-last volume: channel c
+  // of corner k is p[k][c]) and their weights.
+  template <typename P> void corners(int v, P* base, P* (&p)[8], T (&wk)[8]) const {
+    for (int k = 0; k < 8; ++k) {
+      p[k] = base + off[k][v];
+      wk[k] = w[k][v];
+    }
+  }
+
   void build_at(const T (&x)[3][kBlock], const int* size, const I* st, int n, int mode,
                 int padding) {
     if (mode == kNearest) {
@@ -125,15 +163,24 @@ void forward_rows(const S* img, S* out, const Geometry& g, const Src& src, int m
       for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
         const int n = std::min(kBlock, g.out_size[2] - w0);
         st.build(g, src, b, d, h, w0, n, mode, padding);
-        if (channel_vector(g)) {  // voxel by voxel, the channel loop vectorizes
+        if (channel_vector(g)) {  // voxel by voxel over vectors of channels
           for (int v = 0; v < n; ++v) {
             S* ov = ob + (w0 + v) * ow;
-#pragma omp simd
-            for (int c = 0; c < g.C; ++c) {
+            const S* ik[8];
+            T wk[8];
+            st.corners(v, ib, ik, wk);
+            int c = 0;
+            if constexpr (std::is_same_v<S, T>) {
+              for (; c + lanes<T>() <= g.C; c += lanes<T>()) {
+                Lanes<T> acc = wk[0] * load_lanes(ik[0] + c);
+                GVSL_UNROLL
+                for (int k = 1; k < 8; ++k) acc += wk[k] * load_lanes(ik[k] + c);
+                store_lanes(ov + c * g.os[1], acc, g.os[1]);
+              }
+            }
+            for (; c < g.C; ++c) {  // the channels left over, and half-precision images
               T acc = T(0);
-              GVSL_UNROLL
-              for (int k = 0; k < 8; ++k)
-                acc += st.w[k][v] * static_cast<T>(ib[st.off[k][v] + c]);
+              for (int k = 0; k < 8; ++k) acc += wk[k] * static_cast<T>(ik[k][c]);
               ov[c * g.os[1]] = static_cast<S>(acc);
             }
           }
@@ -186,34 +233,48 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
       const int n = std::min(kBlock, g.out_size[2] - w0);
       st.build(g, src, b, d, h, w0, n, mode, padding);
       if (sb && channel_vector(g)) {
-        // Channels-last with the image gradient: voxel by voxel, the channel loop vectorizes the
-        // scatter (distinct channels never collide) and the gather alike.
+        // Channels-last with the image gradient: voxel by voxel over vectors of channels, the
+        // scatter (distinct channels never collide) and, for the position gradient, the eight
+        // channel dot products s_k = <gout, corner k>, which the stencil's dw then weighs:
+        // d pos = sum_k dw_k s_k (8 multiply-adds per channel instead of 24).
         for (int v = 0; v < n; ++v) {
           const S* gv = gb + (w0 + v) * ow;
-          T pd = T(0), ph = T(0), pw = T(0);
-#pragma omp simd reduction(+ : pd, ph, pw)
-          for (int c = c0; c < c1; ++c) {
-            const T go = static_cast<T>(gv[c * g.os[1]]);
-            GVSL_UNROLL
-            for (int k = 0; k < 8; ++k) sb[st.off[k][v] + c] += st.w[k][v] * go;
-            if constexpr (kPos) {
-              T a = T(0), bb = T(0), cc = T(0);
+          T* sk[8];
+          const S* ik[8];
+          T wk[8];
+          st.corners(v, sb, sk, wk);
+          st.corners(v, ib, ik, wk);
+          using V = Lanes<T>;
+          V dots[8] = {};
+          int c = c0;
+          if constexpr (std::is_same_v<S, T>) {
+            for (; c + lanes<T>() <= c1; c += lanes<T>()) {
+              const V go = load_lanes(gv + c * g.os[1], g.os[1]);
               GVSL_UNROLL
               for (int k = 0; k < 8; ++k) {
-                const T val = static_cast<T>(ib[st.off[k][v] + c]);
-                a += st.dw[0][k][v] * val;
-                bb += st.dw[1][k][v] * val;
-                cc += st.dw[2][k][v] * val;
+                store_lanes(sk[k] + c, load_lanes(sk[k] + c) + wk[k] * go);
+                if constexpr (kPos) dots[k] += go * load_lanes(ik[k] + c);
               }
-              pd += go * a;
-              ph += go * bb;
-              pw += go * cc;
+            }
+          }
+          for (; c < c1; ++c) {  // the channels left over, and half-precision images
+            const T go = static_cast<T>(gv[c * g.os[1]]);
+            for (int k = 0; k < 8; ++k) {
+              sk[k][c] += wk[k] * go;
+              if constexpr (kPos) dots[k][0] += go * static_cast<T>(ik[k][c]);
             }
           }
           if constexpr (kPos) {
-            gp[0][v] = pd;
-            gp[1][v] = ph;
-            gp[2][v] = pw;
+            T dot[8];
+            for (int k = 0; k < 8; ++k) {
+              dot[k] = T(0);
+              for (int l = 0; l < lanes<T>(); ++l) dot[k] += dots[k][l];
+            }
+            for (int a = 0; a < 3; ++a) {
+              T acc = T(0);
+              for (int k = 0; k < 8; ++k) acc += st.dw[a][k][v] * dot[k];
+              gp[a][v] = acc;
+            }
           }
         }
       } else if (sb) {
@@ -326,7 +387,7 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& image, const S
   }
   std::vector<at::Tensor> bufs;
   for (int v = 0; v < ranges; ++v) {
-    bufs.push_back(at::zeros_like(image, image.options().dtype(acc_type)));
+    bufs.push_back(huge_zeros_like(image, acc_type));
     TORCH_CHECK(bufs.back().strides() == image.strides(), "gvsl_fast: gradient buffer layout");
   }
   const bool fused = pos_grad && (groups == 1 || Src::kind == kAffine);
