@@ -26,7 +26,7 @@ std::vector<AffineIndexMap<T>> index_maps(const at::Tensor& theta, const Geometr
 at::Tensor affine_warp_forward(const at::Tensor& image, const at::Tensor& theta, int64_t padding,
                                bool align_corners, bool /*deterministic*/) {
   check_theta(image, theta);
-  at::Tensor out = huge_pages(new_output(image, image.sizes().slice(2)));
+  at::Tensor out = new_output(image, image.sizes().slice(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "affine_warp", [&] {
     using T = acc_t<scalar_t>;
     const Geometry g = geometry(image, out);

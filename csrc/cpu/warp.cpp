@@ -11,7 +11,7 @@ namespace {
 at::Tensor warp_forward(const at::Tensor& image, const at::Tensor& flow, int64_t mode,
                         int64_t padding, bool /*deterministic*/) {
   check_flow(image, flow);
-  at::Tensor out = huge_pages(new_output(image, flow.sizes().slice(2)));
+  at::Tensor out = new_output(image, flow.sizes().slice(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "warp", [&] {
     forward(image.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geometry(image, out),
             flow_source<scalar_t>(flow, nullptr), int(mode), int(padding));
@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor> warp_backward(const at::Tensor& grad_out,
 at::Tensor grid_sample_forward(const at::Tensor& image, const at::Tensor& grid, int64_t mode,
                                int64_t padding, bool align_corners, bool /*deterministic*/) {
   check_grid(image, grid);
-  at::Tensor out = huge_pages(new_output(image, grid.sizes().slice(1, 3)));
+  at::Tensor out = new_output(image, grid.sizes().slice(1, 3));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "grid_sample", [&] {
     forward(image.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geometry(image, out),
             grid_source<scalar_t>(grid, nullptr, image, align_corners), int(mode), int(padding));
