@@ -95,14 +95,14 @@ GVSL_HD LnccCoefs<T> lncc_coefs(const LnccStats<T>& s, T g, const LnccParams<T>&
   return k;
 }
 
-// Coefficient maps that the backward box-sums: a first, then for each input that needs a
-// gradient the three maps of its formula (dL/dI: a*muJ, b, b*muI; dL/dJ: a*muI, c, c*muJ).
-// Returns how many were written: lncc_map_count(need_i, need_j).
-
+// How many coefficient maps lncc_coef_maps writes.
 GVSL_HD constexpr int lncc_map_count(bool need_i, bool need_j) {
   return 1 + 3 * need_i + 3 * need_j;
 }
 
+// Coefficient maps that the backward box-sums: a first, then for each input that needs a
+// gradient the three maps of its formula (dL/dI: a*muJ, b, b*muI; dL/dJ: a*muI, c, c*muJ).
+// Returns how many were written: lncc_map_count(need_i, need_j).
 template <typename T>
 GVSL_HD int lncc_coef_maps(const LnccStats<T>& s, const LnccCoefs<T>& k, bool need_i, bool need_j,
                            T* out) {

@@ -211,7 +211,7 @@ def test_many_channels(device, backend, layout):
         ref_args = [t.detach().contiguous().requires_grad_() for t in (image, theta)]
         ref = reference.affine_warp(*ref_args)
         ref_grads = _grads(ref, ref_args)
-        for grad_layout in (torch.contiguous_format, layout):
+        for grad_layout in dict.fromkeys((torch.contiguous_format, layout)):  # each once
             args = [t.clone().requires_grad_() for t in (image, theta)]
             with num_threads(threads):
                 out = affine_warp(*args, backend=backend)

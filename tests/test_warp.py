@@ -352,7 +352,7 @@ def test_many_channels(device, backend, layout, padding):
         ref_args = [t.detach().contiguous().requires_grad_() for t in (image, flow)]
         ref = reference.warp(*ref_args, padding_mode=padding)
         ref_grads = _grads(ref, ref_args)
-        for grad_layout in (torch.contiguous_format, layout):
+        for grad_layout in dict.fromkeys((torch.contiguous_format, layout)):  # each once
             args = [t.clone().requires_grad_() for t in (image, flow)]
             with num_threads(threads):
                 out = warp(*args, padding_mode=padding, backend=backend)

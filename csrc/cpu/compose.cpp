@@ -11,8 +11,8 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
-#include "cpu/memory.h"
 #include "compose_host.h"
+#include "cpu/memory.h"
 #include "cpu/sampler.h"
 
 namespace gvsl {
@@ -232,14 +232,15 @@ std::vector<at::Tensor> backward_cpu(const ComposeArgs<S>& a, const at::Tensor& 
                                      const at::Tensor& image, const at::Tensor& theta,
                                      const at::Tensor& flow, ComposeNeeds need) {
   using T = acc_t<S>;
-  const auto acc = flow.options().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::ScalarType acc_type = c10::CppTypeToScalarType<T>::value;
+  const auto acc = flow.options().dtype(acc_type);
   const Geometry geo = row_geometry(a);
   const int64_t rows = geo.rows();
   const int ranges = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)));
   std::vector<at::Tensor> dflow, dimage;
   for (int v = 0; v < ranges; ++v) {
-    if (need.flow) dflow.push_back(huge_zeros_like(flow, c10::CppTypeToScalarType<T>::value));
-    if (need.image) dimage.push_back(huge_zeros_like(image, c10::CppTypeToScalarType<T>::value));
+    if (need.flow) dflow.push_back(huge_zeros_like(flow, acc_type));
+    if (need.image) dimage.push_back(huge_zeros_like(image, acc_type));
   }
   for (const auto* bufs : {&dflow, &dimage})
     for (const auto& t : *bufs)

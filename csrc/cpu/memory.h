@@ -1,6 +1,6 @@
-// Large CPU outputs and scatter buffers. A fresh buffer of more than glibc's mmap threshold (32 MiB at most) is
-// new memory each time: one page fault per 4 KiB page on its first write, which cost as much as
-// the lncc kernel that fills its coefficient maps. Asking for transparent huge pages makes that
+// Large CPU outputs and scatter buffers. A fresh buffer of more than glibc's mmap threshold
+// (32 MiB at most) is new memory each time: one page fault per 4 KiB page on its first write,
+// which cost as much as the lncc kernel that fills its coefficient maps. Asking for transparent huge pages makes that
 // one fault per 2 MiB where the system allows them (THP "madvise" or "always"); elsewhere the
 // hint does nothing.
 #pragma once
