@@ -21,7 +21,7 @@ from common import (
     tolerance,
 )
 
-from gvsl_fast.ops import SpatialTransformer, Warp, grid_sample, reference, warp
+from gvsl_fast.ops import SpatialTransformer, Warp, _sampler, grid_sample, reference, warp
 
 BACKENDS = fast_backends()
 IDS = backend_ids(BACKENDS)
@@ -195,6 +195,106 @@ def test_grid_sample_matches_torch(device, backend, padding, align_corners):
     near = grid_sample(image, grid, "nearest", padding, align_corners, backend=backend)
     assert torch.equal(near, reference.grid_sample(image, grid, "nearest", padding,
                                                    align_corners))
+
+
+# ---- the CPU's saved-derivative path: only the position requires grad, few channels ------
+
+
+def _saved_path(out: torch.Tensor) -> bool:
+    return out.grad_fn is not None and "forward_saved" in out.grad_fn.name()
+
+
+def _sample(source, image, pos, padding, backend="cpu"):
+    if source == "warp":
+        return warp(image, pos, padding_mode=padding, backend=backend)
+    return grid_sample(image, pos, padding_mode=padding, align_corners=False, backend=backend)
+
+
+def _position(source, shape, dtype, layout):
+    """A flow for warp or a grid (another output size) for grid_sample, requiring grad."""
+    if source == "warp":
+        pos = _flow(shape, "cpu", dtype).contiguous(memory_format=layout)
+    else:
+        pos = (torch.rand(shape[0], 5, 8, 6, 3, dtype=torch.float64) * 2.6 - 1.3).to(dtype)
+    return pos.requires_grad_()
+
+
+@pytest.mark.parametrize("source", ("warp", "grid_sample"))
+@pytest.mark.parametrize("layout", (torch.contiguous_format, torch.channels_last_3d),
+                         ids=("contiguous", "channels_last"))
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("channels,dtype", [(1, torch.float32), (3, torch.float32),
+                                            (1, torch.float64), (3, torch.bfloat16),
+                                            (1, torch.float16)], ids=str)
+def test_saved_derivative_matches_recompute(monkeypatch, source, layout, padding, channels,
+                                            dtype):
+    """The forward saves d out / d position and the backward is a streaming product: the same
+    values and position gradient as the recomputing backward (the same sums in the same order),
+    and as the reference; a retained graph's second backward gives the same again."""
+    torch.manual_seed(12)
+    shape = (2, channels, 7, 9, 11)
+    image = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
+    pos = _position(source, shape, dtype, layout)
+    out = _sample(source, image, pos, padding)
+    assert _saved_path(out)
+    (first,) = torch.autograd.grad(out, [pos], torch.ones_like(out), retain_graph=True)
+    (second,) = torch.autograd.grad(out, [pos], torch.ones_like(out), retain_graph=True)
+    assert torch.equal(first, second)
+    (g,) = _grads(out, [pos], layout=layout)
+    monkeypatch.setattr(_sampler, "SAVED_DERIVATIVE_CHANNELS", 0)
+    plain = _sample(source, image, pos, padding)
+    assert not _saved_path(plain)
+    (g_plain,) = _grads(plain, [pos], layout=layout)
+    exact = 1e-12 if dtype == torch.float64 else 1e-6
+    assert rel_err(out, plain) <= exact and rel_err(g, g_plain) <= exact
+    ref_pos = pos.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
+    ref_pos.requires_grad_()
+    ref = _sample(source, image.to(ref_pos.dtype), ref_pos, padding, "reference")
+    (r,) = _grads(ref, [ref_pos], layout=layout)
+    assert out.dtype == g.dtype == dtype
+    assert rel_err(out, ref) <= tolerance("cpu", dtype)
+    assert rel_err(g, r) <= tolerance("cpu", dtype)
+
+
+def test_saved_derivative_only_when_it_serves():
+    """The saved path is taken only for a bilinear CPU sample whose position alone requires
+    grad, with grad enabled and at most SAVED_DERIVATIVE_CHANNELS channels."""
+    shape = (1, _sampler.SAVED_DERIVATIVE_CHANNELS, 4, 5, 6)
+    image = torch.randn(shape)
+    flow = _flow(shape, "cpu").requires_grad_()
+    assert _saved_path(warp(image, flow, backend="cpu"))
+    wide = torch.randn(1, shape[1] + 1, *shape[2:])
+    assert not _saved_path(warp(wide, flow, backend="cpu"))
+    assert not _saved_path(warp(image.requires_grad_(), flow, backend="cpu"))
+    assert not _saved_path(warp(image.detach(), flow, "nearest", backend="cpu"))
+    assert not _saved_path(warp(image.detach(), flow, backend="reference"))
+    with torch.no_grad():
+        assert warp(image.detach(), flow, backend="cpu").grad_fn is None
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_saved_derivative_gradcheck_cpu(padding):
+    torch.manual_seed(13)
+    image = torch.randn(2, 2, 3, 4, 5, dtype=torch.float64)
+    flow = (torch.rand(2, 3, 3, 4, 5, dtype=torch.float64) * 2.6 - 1.3).requires_grad_()
+    grid = (torch.rand(2, 2, 3, 4, 3, dtype=torch.float64) * 2.4 - 1.2).requires_grad_()
+    for source, pos in (("warp", flow), ("grid_sample", grid)):
+        assert _saved_path(_sample(source, image, pos, padding))
+        assert torch.autograd.gradcheck(lambda p, s=source: _sample(s, image, p, padding), (pos,))
+
+
+def test_saved_derivative_torch_compile():
+    torch.manual_seed(14)
+    image = torch.randn(1, 1, 6, 7, 8)
+    flow = _flow(image.shape, "cpu").requires_grad_()
+
+    def loss(f):
+        return warp(image, f, backend="cpu").square().mean()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    (gc,) = torch.autograd.grad(compiled(flow), (flow,))
+    (ge,) = torch.autograd.grad(loss(flow), (flow,))
+    assert rel_err(gc, ge) <= 1e-6
 
 
 # ---- the CUDA kernels' per-voxel math, run on the host (tests/csrc/cuda_voxel_math.cpp) ----

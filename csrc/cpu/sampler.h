@@ -21,8 +21,6 @@
 
 namespace gvsl::cpu {
 
-
-
 // Stencils of up to kBlock consecutive output voxels of one row, built once per voxel (with the
 // options as template arguments) and then reused for every channel of that voxel. The build
 // loop vectorizes (with -fno-trapping-math) when the offsets I are int32_t.
@@ -148,12 +146,22 @@ template <typename T, typename I, bool kGrad> struct RowStencils {
   }
 };
 
-template <typename I, typename S, typename Src>
-void forward_rows(const S* img, S* out, const Geometry& g, const Src& src, int mode,
-                  int padding) {
+// Offset of (b, channel k, d, h, 0) in a position derivative saved by the forward: (B, 3C, D',
+// H', W') contiguous, channel 3c + a = d out_c / d position_a (index units).
+inline int64_t saved_offset(const Geometry& g, int b, int k, int d, int h) {
+  return ((int64_t(b) * 3 * g.C + k) * g.out_size[0] + d) * int64_t(g.out_size[1]) * g.out_size[2] +
+         int64_t(h) * g.out_size[2];
+}
+
+// With kSave the loop also writes each output's derivative w.r.t. its position to `dpos`
+// (saved_offset), from the same corner loads, so that a backward wanting only the position
+// gradient is a streaming product (backward_saved) instead of a second pass over the stencils.
+template <bool kSave, typename I, typename S, typename Src>
+void forward_rows(const S* img, S* out, acc_t<S>* dpos, const Geometry& g, const Src& src,
+                  int mode, int padding) {
   using T = acc_t<S>;
   at::parallel_for(0, g.rows(), 1, [&](int64_t r0, int64_t r1) {
-    RowStencils<T, I, false> st;
+    RowStencils<T, I, kSave> st;
     const int64_t ow = g.os[4];
     for (int64_t r = r0; r < r1; ++r) {
       int b, d, h;
@@ -163,7 +171,7 @@ void forward_rows(const S* img, S* out, const Geometry& g, const Src& src, int m
       for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
         const int n = std::min(kBlock, g.out_size[2] - w0);
         st.build(g, src, b, d, h, w0, n, mode, padding);
-        if (channel_vector(g)) {  // voxel by voxel over vectors of channels
+        if (!kSave && channel_vector(g)) {  // voxel by voxel over vectors of channels
           for (int v = 0; v < n; ++v) {
             S* ov = ob + (w0 + v) * ow;
             const S* ik[8];
@@ -191,12 +199,33 @@ void forward_rows(const S* img, S* out, const Geometry& g, const Src& src, int m
         for (int c = 0; c < g.C; ++c) {
           const S* ic = ib + c * g.is[1];
           S* oc = ob + c * g.os[1] + w0 * ow;
+          if constexpr (kSave) {
+            const int64_t vox = g.voxels();
+            T* dc = dpos + saved_offset(g, b, 3 * c, d, h) + w0;
 #pragma omp simd
-          for (int v = 0; v < n; ++v) {
-            T acc = T(0);
-            GVSL_UNROLL
-            for (int k = 0; k < 8; ++k) acc += st.w[k][v] * static_cast<T>(ic[st.off[k][v]]);
-            oc[v * ow] = static_cast<S>(acc);
+            for (int v = 0; v < n; ++v) {
+              T acc = T(0), x = T(0), y = T(0), z = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k) {
+                const T val = static_cast<T>(ic[st.off[k][v]]);
+                acc += st.w[k][v] * val;
+                x += st.dw[0][k][v] * val;
+                y += st.dw[1][k][v] * val;
+                z += st.dw[2][k][v] * val;
+              }
+              oc[v * ow] = static_cast<S>(acc);
+              dc[v] = x;
+              dc[vox + v] = y;
+              dc[2 * vox + v] = z;
+            }
+          } else {
+#pragma omp simd
+            for (int v = 0; v < n; ++v) {
+              T acc = T(0);
+              GVSL_UNROLL
+              for (int k = 0; k < 8; ++k) acc += st.w[k][v] * static_cast<T>(ic[st.off[k][v]]);
+              oc[v * ow] = static_cast<S>(acc);
+            }
           }
         }
       }
@@ -204,10 +233,51 @@ void forward_rows(const S* img, S* out, const Geometry& g, const Src& src, int m
   });
 }
 
+// The sampler's forward; with a non-null `dpos` it also saves the position derivative
+// (forward_rows' kSave).
 template <typename S, typename Src>
-void forward(const S* img, S* out, const Geometry& g, const Src& src, int mode, int padding) {
+void forward(const S* img, S* out, const Geometry& g, const Src& src, int mode, int padding,
+             acc_t<S>* dpos = nullptr) {
   with_offset_type(g, [&](auto i) {
-    forward_rows<decltype(i)>(img, out, g, src, mode, padding);
+    if (dpos)
+      forward_rows<true, decltype(i)>(img, out, dpos, g, src, mode, padding);
+    else
+      forward_rows<false, decltype(i)>(img, out, dpos, g, src, mode, padding);
+  });
+}
+
+// d loss / d position from the forward's saved derivative: gp = sum_c gout_c dpos_c, in the
+// same order as backward_rows' position-only loop, then stored by the source (flow, grid).
+template <typename S, typename Src>
+void backward_saved(const S* gout, const acc_t<S>* dpos, const Geometry& g, const Src& src) {
+  using T = acc_t<S>;
+  const int64_t vox = g.voxels(), ow = g.os[4];
+  at::parallel_for(0, g.rows(), 1, [&](int64_t r0, int64_t r1) {
+    T gp[3][kBlock];
+    for (int64_t r = r0; r < r1; ++r) {
+      int b, d, h;
+      g.split(r, b, d, h);
+      const S* gb = gout + b * g.os[0] + d * g.os[2] + h * g.os[3];
+      for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
+        const int n = std::min(kBlock, g.out_size[2] - w0);
+        for (int v = 0; v < n; ++v) gp[0][v] = gp[1][v] = gp[2][v] = T(0);
+        for (int c = 0; c < g.C; ++c) {
+          const S* gc = gb + c * g.os[1] + w0 * ow;
+          const T* dc = dpos + saved_offset(g, b, 3 * c, d, h) + w0;
+#pragma omp simd
+          for (int v = 0; v < n; ++v) {
+            const T go = static_cast<T>(gc[v * ow]);
+            gp[0][v] += go * dc[v];
+            gp[1][v] += go * dc[vox + v];
+            gp[2][v] += go * dc[2 * vox + v];
+          }
+        }
+        for (int v = 0; v < n; ++v) {
+          const T gv[3] = {gp[0][v], gp[1][v], gp[2][v]};
+          src.store_grad(b, d, h, w0 + v, gv);
+        }
+      }
+    }
   });
 }
 

@@ -5,6 +5,7 @@ pos, *args, image_grad, pos_grad) -> (d image, d pos)``, where ``pos`` is the fl
 theta and ``args`` the op's options. Two implementations share that schema: the C++ extension
 (``torch.ops.gvsl_fast``, CPU and CUDA kernels) and Triton (``torch.ops.gvsl_fast_triton``,
 custom ops defined in the op modules). Gradients not asked for come back as empty tensors.
+warp and grid_sample also have a CPU-only saved-derivative pair (``register_saved``).
 """
 
 from __future__ import annotations
@@ -65,6 +66,58 @@ def register(qualname: str, out_spatial: Callable[[torch.Tensor, torch.Tensor], 
                 *([None] * len(ctx.args)))
 
     torch.library.register_autograd(f"{qualname}_forward", backward, setup_context=setup_context)
+
+
+# CPU only, up to this many channels: when the backward will want the position gradient alone
+# (the image is data, as in VoxelMorph's and MONAI's warp), the forward also saves d out / d
+# position (3C floats per output voxel, from the corner loads it makes anyway) and the backward
+# is one streaming product instead of a second pass over the stencils. On the GPU the second
+# pass is cheaper than the extra bytes, and for many channels the saved tensor would be large.
+SAVED_DERIVATIVE_CHANNELS = 4
+
+
+def saves_derivative(backend: str, image: torch.Tensor, pos: torch.Tensor, mode: str) -> bool:
+    """Whether a sampler forward on ``backend`` takes the saved-derivative ops (see above)."""
+    return (backend == "cpu" and mode == "bilinear" and torch.is_grad_enabled()
+            and pos.requires_grad and not image.requires_grad
+            and image.shape[1] <= SAVED_DERIVATIVE_CHANNELS)
+
+
+def register_saved(qualname: str,
+                   out_spatial: Callable[[torch.Tensor, torch.Tensor], tuple]) -> None:
+    """Fake kernels and autograd for ``qualname``'s saved-derivative pair:
+    ``<name>_forward_saved(image, pos, *args) -> (out, dpos)`` with dpos (B, 3C, D', H', W') in
+    the accumulation dtype, and ``<name>_backward_saved(grad_out, dpos, image, pos, *args) ->
+    d pos``. Only the position gets a gradient."""
+    ns, name = qualname.split("::")
+    backward_op = getattr(getattr(torch.ops, ns), f"{name}_backward_saved")
+
+    @torch.library.register_fake(f"{qualname}_forward_saved")
+    def _fake_forward(image, pos, *args):
+        out = new_output(image, out_spatial(image, pos))
+        acc = torch.float64 if image.dtype == torch.float64 else torch.float32
+        return out, image.new_empty((out.shape[0], 3 * out.shape[1], *out.shape[2:]), dtype=acc)
+
+    @torch.library.register_fake(f"{qualname}_backward_saved")
+    def _fake_backward(grad_out, dpos, image, pos, *args):
+        return torch.empty_like(pos)
+
+    def setup_context(ctx, inputs, output):
+        image, pos, *args = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero tensor for dpos's gradient
+        ctx.save_for_backward(output[1], image, pos)
+        ctx.args = args
+
+    def backward(ctx, grad_out, _grad_dpos):
+        dpos, image, pos = ctx.saved_tensors
+        d_pos = None  # an undefined grad_out (not materialized) is a zero one
+        if grad_out is not None:
+            d_pos = backward_op(_backend.layout(grad_out), dpos, image, pos, *ctx.args)
+        return (None, d_pos, *([None] * len(ctx.args)))
+
+    torch.library.register_autograd(f"{qualname}_forward_saved", backward,
+                                    setup_context=setup_context)
 
 
 def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

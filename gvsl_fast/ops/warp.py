@@ -3,7 +3,10 @@
 ``warp`` samples at ``p + flow(p)`` (voxel units), ``grid_sample`` at a normalized grid exactly as
 ``F.grid_sample`` for 5-D input. Both run one sampler: C++ (CPU, CUDA) or Triton, with the
 position gradient as a gather and the image gradient (only when the image requires grad) as a
-scatter. Drop-in modules: :class:`SpatialTransformer` (VoxelMorph) and :class:`Warp` (MONAI).
+scatter. On the CPU, when the position alone requires grad (the image is data, the usual case)
+and there are few channels, the forward also saves d out / d position and the backward is one
+streaming product (``_sampler.saves_derivative``). Drop-in modules: :class:`SpatialTransformer`
+(VoxelMorph) and :class:`Warp` (MONAI).
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ for _ns in ("gvsl_fast", TRITON_NS):
     if _ns == TRITON_NS or _backend.extension_error() is None:
         _sampler.register(f"{_ns}::warp", _flow_spatial)
         _sampler.register(f"{_ns}::grid_sample", _grid_spatial)
+if _backend.extension_error() is None:
+    _sampler.register_saved("gvsl_fast::warp", _flow_spatial)
+    _sampler.register_saved("gvsl_fast::grid_sample", _grid_spatial)
 
 
 # ---- public API ----------------------------------------------------------------------------
@@ -115,9 +121,11 @@ def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str 
     be = _backend.resolve(op, backend, [image, flow])
     if be == "reference":
         return reference.warp(image, flow, mode, padding_mode)
-    ops = _sampler.op_namespace(be)
-    return ops.warp_forward(_backend.layout(image), _backend.layout(flow), MODE_CODES[mode],
-                            PADDING_CODES[padding_mode], deterministic)
+    image, flow = _backend.layout(image), _backend.layout(flow)
+    options = (MODE_CODES[mode], PADDING_CODES[padding_mode])
+    if _sampler.saves_derivative(be, image, flow, mode):
+        return torch.ops.gvsl_fast.warp_forward_saved(image, flow, *options)[0]
+    return _sampler.op_namespace(be).warp_forward(image, flow, *options, deterministic)
 
 
 def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
@@ -156,9 +164,11 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     be = _backend.resolve(op, backend, [input, grid])
     if be == "reference":
         return reference.grid_sample(input, grid, mode, padding_mode, align_corners)
-    ops = _sampler.op_namespace(be)
-    return ops.grid_sample_forward(_backend.layout(input), grid.contiguous(), MODE_CODES[mode],
-                                   PADDING_CODES[padding_mode], align_corners, deterministic)
+    input, grid = _backend.layout(input), grid.contiguous()
+    options = (MODE_CODES[mode], PADDING_CODES[padding_mode], align_corners)
+    if _sampler.saves_derivative(be, input, grid, mode):
+        return torch.ops.gvsl_fast.grid_sample_forward_saved(input, grid, *options)[0]
+    return _sampler.op_namespace(be).grid_sample_forward(input, grid, *options, deterministic)
 
 
 class SpatialTransformer(nn.Module):
