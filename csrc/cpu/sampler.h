@@ -199,32 +199,26 @@ void forward_rows(const S* img, S* out, acc_t<S>* dpos, const Geometry& g, const
         for (int c = 0; c < g.C; ++c) {
           const S* ic = ib + c * g.is[1];
           S* oc = ob + c * g.os[1] + w0 * ow;
-          if constexpr (kSave) {
-            const int64_t vox = g.voxels();
-            T* dc = dpos + saved_offset(g, b, 3 * c, d, h) + w0;
+          const int64_t vox = g.voxels();
+          T* dc = kSave ? dpos + saved_offset(g, b, 3 * c, d, h) + w0 : nullptr;
 #pragma omp simd
-            for (int v = 0; v < n; ++v) {
-              T acc = T(0), x = T(0), y = T(0), z = T(0);
-              GVSL_UNROLL
-              for (int k = 0; k < 8; ++k) {
-                const T val = static_cast<T>(ic[st.off[k][v]]);
-                acc += st.w[k][v] * val;
+          for (int v = 0; v < n; ++v) {
+            T acc = T(0), x = T(0), y = T(0), z = T(0);
+            GVSL_UNROLL
+            for (int k = 0; k < 8; ++k) {
+              const T val = static_cast<T>(ic[st.off[k][v]]);
+              acc += st.w[k][v] * val;
+              if constexpr (kSave) {
                 x += st.dw[0][k][v] * val;
                 y += st.dw[1][k][v] * val;
                 z += st.dw[2][k][v] * val;
               }
-              oc[v * ow] = static_cast<S>(acc);
+            }
+            oc[v * ow] = static_cast<S>(acc);
+            if constexpr (kSave) {
               dc[v] = x;
               dc[vox + v] = y;
               dc[2 * vox + v] = z;
-            }
-          } else {
-#pragma omp simd
-            for (int v = 0; v < n; ++v) {
-              T acc = T(0);
-              GVSL_UNROLL
-              for (int k = 0; k < 8; ++k) acc += st.w[k][v] * static_cast<T>(ic[st.off[k][v]]);
-              oc[v * ow] = static_cast<S>(acc);
             }
           }
         }

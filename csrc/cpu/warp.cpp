@@ -9,6 +9,11 @@
 namespace gvsl::cpu {
 namespace {
 
+// The dtype of a saved position derivative: the image's accumulation type.
+at::ScalarType saved_dtype(const at::Tensor& image) {
+  return image.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // grad_out (B, C, D', H', W') and a saved derivative that new_saved_derivative made for it.
 void check_saved(const at::Tensor& grad_out, const at::Tensor& dpos, const at::Tensor& image) {
   TORCH_CHECK(grad_out.dim() == 5 && grad_out.size(0) == image.size(0) &&
@@ -17,7 +22,7 @@ void check_saved(const at::Tensor& grad_out, const at::Tensor& dpos, const at::T
   TORCH_CHECK(dpos.is_contiguous() && dpos.dim() == 5 && dpos.size(0) == grad_out.size(0) &&
                   dpos.size(1) == 3 * grad_out.size(1) &&
                   dpos.sizes().slice(2) == grad_out.sizes().slice(2) &&
-                  dpos.scalar_type() == (image.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+                  dpos.scalar_type() == saved_dtype(image),
               "gvsl_fast: the saved position derivative does not match grad_out");
 }
 
@@ -50,9 +55,8 @@ std::tuple<at::Tensor, at::Tensor> warp_backward(const at::Tensor& grad_out,
 // The position derivative that a forward saves: (B, 3C, D', H', W'), contiguous, in the
 // accumulation type (sampler.h's saved_offset).
 at::Tensor new_saved_derivative(const at::Tensor& image, const at::Tensor& out) {
-  const auto acc = image.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return huge_pages(at::empty({out.size(0), 3 * out.size(1), out.size(2), out.size(3), out.size(4)},
-                              image.options().dtype(acc)));
+                              image.options().dtype(saved_dtype(image))));
 }
 
 // warp_forward that also saves d out / d position, for a backward wanting only d flow.
@@ -127,7 +131,7 @@ at::Tensor grid_sample_backward_saved(const at::Tensor& grad_out, const at::Tens
                                       int64_t /*mode*/, int64_t /*padding*/, bool align_corners) {
   check_grid(image, grid);
   check_saved(grad_out, dpos, image);
-  at::Tensor ggrid = at::empty_like(grid);
+  at::Tensor ggrid = huge_pages(at::empty_like(grid));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "grid_bwd_saved", [&] {
     backward_saved(grad_out.const_data_ptr<scalar_t>(), dpos.const_data_ptr<acc_t<scalar_t>>(),
                    geometry(image, grad_out),
