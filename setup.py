@@ -62,8 +62,10 @@ def _native_flags() -> list[str]:
     flags = ["-march=native"]
     if os.environ.get("GVSL_FAST_GATHER", "0" if _amd_cpu() else "1") == "0":
         no_gather = ["-mtune-ctrl=^use_gather_2parts,^use_gather_4parts,^use_gather"]
-        if _compiles_with(no_gather):  # a GCC option; other compilers keep their own choice
+        if _compiles_with(no_gather):
             flags += no_gather
+        else:  # a GCC option; other compilers keep their own choice
+            print("gvsl-fast: the compiler does not take -mtune-ctrl; hardware gathers stay on")
     return flags
 
 
