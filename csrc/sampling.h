@@ -3,13 +3,6 @@
 #pragma once
 #include "macros.h"
 
-// Force-inlined on the host so that the CPU row loops that call these vectorize.
-#ifdef __CUDACC__
-#define GVSL_HD_INLINE GVSL_HD
-#else
-#define GVSL_HD_INLINE inline __attribute__((always_inline))
-#endif
-
 // Full unrolling of short constant loops on both compilers (GCC ignores a bare `#pragma unroll`,
 // and would otherwise keep the stencil arrays on the stack).
 #if defined(__CUDACC__) || defined(__clang__)
@@ -35,7 +28,7 @@ template <typename T> struct Axis {
 // Border: clamp to [0, size-1], zero gradient at and beyond the edge (F.grid_sample passes the
 // gradient at exactly the edge; the two agree everywhere else);
 // NaN goes to 0. Zeros: a coordinate far outside (or non-finite) reads nothing.
-template <typename T> GVSL_HD_INLINE Axis<T> linear_axis(T x, int size, int padding) {
+template <typename T> GVSL_HD Axis<T> linear_axis(T x, int size, int padding) {
   // Branch-free (selects only), so that CPU row loops vectorize.
   Axis<T> a;
   if (padding == kBorder) {
@@ -57,7 +50,7 @@ template <typename T> GVSL_HD_INLINE Axis<T> linear_axis(T x, int size, int padd
 }
 
 // Nearest index (round half to even, as F.grid_sample); -1 when outside with zeros padding.
-template <typename T> GVSL_HD_INLINE int nearest_index(T x, int size, int padding) {
+template <typename T> GVSL_HD int nearest_index(T x, int size, int padding) {
   if (padding == kBorder) {
     x = x > T(0) ? x : T(0);  // also NaN
     x = x > T(size - 1) ? T(size - 1) : x;
@@ -82,8 +75,8 @@ template <typename T, typename I = int64_t> struct Stencil {
 
 // Trilinear stencil of the three axes of a position, in element strides (sd, sh, sw).
 template <typename T, bool kGrad, typename I>
-GVSL_HD_INLINE void make_stencil(const Axis<T>& ad, const Axis<T>& ah, const Axis<T>& aw, I sd,
-                                 I sh, I sw, Stencil<T, I>& s) {
+GVSL_HD void make_stencil(const Axis<T>& ad, const Axis<T>& ah, const Axis<T>& aw, I sd,
+                          I sh, I sw, Stencil<T, I>& s) {
   const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
   const T gd[2] = {-ad.dcoord, ad.dcoord}, gh[2] = {-ah.dcoord, ah.dcoord},
           gw[2] = {-aw.dcoord, aw.dcoord};
@@ -111,8 +104,8 @@ GVSL_HD_INLINE void make_stencil(const Axis<T>& ad, const Axis<T>& ah, const Axi
 // Stencil of index position x = (d, h, w) on a volume of `size` voxels, trilinear or nearest
 // (`mode`). Nearest puts its one corner in slot 0 and has zero derivatives.
 template <typename T, bool kGrad, typename I>
-GVSL_HD_INLINE void make_stencil(const T* x, const int* size, I sd, I sh, I sw, int mode,
-                                 int padding, Stencil<T, I>& s) {
+GVSL_HD void make_stencil(const T* x, const int* size, I sd, I sh, I sw, int mode,
+                          int padding, Stencil<T, I>& s) {
   if (mode == kNearest) {
     const int id = nearest_index(x[0], size[0], padding);
     const int ih = nearest_index(x[1], size[1], padding);
@@ -128,8 +121,9 @@ GVSL_HD_INLINE void make_stencil(const T* x, const int* size, I sd, I sh, I sw, 
     s.w[0] = ok ? T(1) : T(0);
     return;
   }
-  make_stencil<T, kGrad, I>(linear_axis(x[0], size[0], padding), linear_axis(x[1], size[1], padding),
-                         linear_axis(x[2], size[2], padding), sd, sh, sw, s);
+  make_stencil<T, kGrad, I>(linear_axis(x[0], size[0], padding),
+                            linear_axis(x[1], size[1], padding),
+                            linear_axis(x[2], size[2], padding), sd, sh, sw, s);
 }
 
 // Interpolated value of one channel (`img` points at its (0, 0, 0) voxel).
@@ -192,12 +186,12 @@ template <typename T, typename S>
 GVSL_HD AffineIndexMap<T> affine_index_map(const S* theta, const int* out_size,
                                            const int* in_size, bool align_corners) {
   AffineIndexMap<T> A;
-#pragma unroll
+GVSL_UNROLL
   for (int i = 0; i < 3; ++i) {          // input axis, d/h/w
     const int ri = 2 - i;                 // theta row (x = w)
     const T c = unnormalize_scale<T>(in_size[i], align_corners);
     T acc = static_cast<T>(theta[ri * 4 + 3]) * c + T(0.5) * T(in_size[i] - 1);
-#pragma unroll
+GVSL_UNROLL
     for (int j = 0; j < 3; ++j) {        // output axis, d/h/w
       const int cj = 2 - j;
       const T th = static_cast<T>(theta[ri * 4 + cj]);
@@ -225,7 +219,7 @@ GVSL_HD AffineIndexMap<T> affine_index_map(const S* theta, const int* out_size,
 // Input index (d, h, w) of output index (d, h, w).
 template <typename T>
 GVSL_HD void apply_affine(const AffineIndexMap<T>& A, int d, int h, int w, T* out) {
-#pragma unroll
+GVSL_UNROLL
   for (int i = 0; i < 3; ++i)
     out[i] = A.m[i][0] * T(d) + A.m[i][1] * T(h) + A.m[i][2] * T(w) + A.t[i];
 }

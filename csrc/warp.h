@@ -34,7 +34,7 @@ template <typename S> struct FlowSource {
   S* grad;  // same strides as flow
   int64_t sb, sc, sd, sh, sw;
 
-  template <typename T> GVSL_HD_INLINE void position(int b, int d, int h, int w, T* x) const {
+  template <typename T> GVSL_HD void position(int b, int d, int h, int w, T* x) const {
     const S* f = flow + b * sb + d * sd + h * sh + w * sw;
     x[0] = T(d) + static_cast<T>(f[0]);
     x[1] = T(h) + static_cast<T>(f[sc]);
@@ -57,7 +57,7 @@ template <typename S> struct GridSource {
   int in_size[3];
   bool align_corners;
 
-  template <typename T> GVSL_HD_INLINE void position(int b, int d, int h, int w, T* x) const {
+  template <typename T> GVSL_HD void position(int b, int d, int h, int w, T* x) const {
     const S* g = grid + b * sb + d * sd + h * sh + w * sw;
     GVSL_UNROLL
     for (int i = 0; i < 3; ++i)
@@ -77,7 +77,7 @@ template <typename T> struct AffineSource {
   static constexpr int kind = kAffine;
   const AffineIndexMap<T>* maps;  // one per batch element
 
-  GVSL_HD_INLINE void position(int b, int d, int h, int w, T* x) const {
+  GVSL_HD void position(int b, int d, int h, int w, T* x) const {
     apply_affine(maps[b], d, h, w, x);
   }
 };

@@ -370,8 +370,8 @@ void grad_pass(const Geometry& g, const at::Tensor& coef, double scale, const at
 
 // Q coefficient maps of one (B*C, D, H, W) volume each, in the accumulation dtype.
 at::Tensor coef_buffer(const Geometry& g, int Q, const at::Tensor& a) {
-  const auto acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return gvsl::huge_pages(at::empty({Q, g.B * g.C, g.D, g.H, g.W}, a.options().dtype(acc)));
+  const auto opts = a.options().dtype(gvsl::acc_dtype(a));
+  return gvsl::huge_pages(at::empty({Q, g.B * g.C, g.D, g.H, g.W}, opts));
 }
 
 // Calls f(std::integral_constant<int, preset>).
@@ -393,8 +393,8 @@ std::tuple<at::Tensor, at::Tensor> lncc_forward_cpu(const at::Tensor& a, const a
   const Geometry g = check_inputs(a, b, window);
   const auto p = params_of(window, eps, preset, smooth_nr);
   const bool map = reduction == gvsl::kLnccNone, maps = !map && (need_a || need_b);
-  const auto acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = map ? at::empty_like(a) : at::empty({}, a.options().dtype(acc));
+  const auto acc = a.options().dtype(gvsl::acc_dtype(a));
+  at::Tensor out = map ? at::empty_like(a) : at::empty({}, acc);
   at::Tensor coef = maps ? coef_buffer(g, gvsl::lncc_map_count(need_a, need_b), a)
                          : at::empty({0}, out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lncc_forward", [&] {

@@ -14,6 +14,12 @@
 
 namespace gvsl {
 
+// The accumulation dtype of buffers for inputs like t (gvsl::acc_t): double for double inputs,
+// float for the rest.
+inline at::ScalarType acc_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // Hints huge pages for the 2 MiB-aligned interior of a fresh (not yet written) CPU tensor.
 inline at::Tensor huge_pages(at::Tensor t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

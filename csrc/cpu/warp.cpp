@@ -9,11 +9,6 @@
 namespace gvsl::cpu {
 namespace {
 
-// The dtype of a saved position derivative: the image's accumulation type.
-at::ScalarType saved_dtype(const at::Tensor& image) {
-  return image.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // grad_out (B, C, D', H', W') and a saved derivative that new_saved_derivative made for it.
 void check_saved(const at::Tensor& grad_out, const at::Tensor& dpos, const at::Tensor& image) {
   TORCH_CHECK(grad_out.dim() == 5 && grad_out.size(0) == image.size(0) &&
@@ -22,7 +17,7 @@ void check_saved(const at::Tensor& grad_out, const at::Tensor& dpos, const at::T
   TORCH_CHECK(dpos.is_contiguous() && dpos.dim() == 5 && dpos.size(0) == grad_out.size(0) &&
                   dpos.size(1) == 3 * grad_out.size(1) &&
                   dpos.sizes().slice(2) == grad_out.sizes().slice(2) &&
-                  dpos.scalar_type() == saved_dtype(image),
+                  dpos.scalar_type() == acc_dtype(image),
               "gvsl_fast: the saved position derivative does not match grad_out");
 }
 
@@ -56,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> warp_backward(const at::Tensor& grad_out,
 // accumulation type (sampler.h's saved_offset).
 at::Tensor new_saved_derivative(const at::Tensor& image, const at::Tensor& out) {
   return huge_pages(at::empty({out.size(0), 3 * out.size(1), out.size(2), out.size(3), out.size(4)},
-                              image.options().dtype(saved_dtype(image))));
+                              image.options().dtype(acc_dtype(image))));
 }
 
 // warp_forward that also saves d out / d position, for a backward wanting only d flow.
