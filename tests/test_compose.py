@@ -1,6 +1,6 @@
 """compose and affine_flow_warp: every backend against the reference (values and gradients), an
-independent construction from F.affine_grid + F.grid_sample, exact identity, gradcheck,
-torch.compile and bad input."""
+independent construction from F.affine_grid + F.grid_sample, exact identity, gradcheck, the CPU's
+saved-derivative affine_flow_warp, torch.compile and bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gvsl_fast.ops import affine_flow_warp, compose
+from gvsl_fast.ops import _sampler, affine_flow_warp, compose
 from gvsl_fast.ops import reference as R
 from tests.common import (
     HALF,
@@ -257,6 +257,83 @@ def test_torch_compile_fullgraph_cpu():
     got = torch.autograd.grad(compiled(image, theta, flow), [theta, flow])
     want = torch.autograd.grad(step(image, theta, flow), [theta, flow])
     check_close(got, want, 1e-6)
+
+
+# ---- the CPU's saved-derivative affine_flow_warp: theta and flow want grad, the image not ----
+
+
+def _saved_path(out: torch.Tensor) -> bool:
+    return out.grad_fn is not None and "fwd_saved" in out.grad_fn.name()
+
+
+@pytest.mark.parametrize("layout", (torch.contiguous_format, torch.channels_last_3d),
+                         ids=("contiguous", "channels_last"))
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("channels,dtype", [(1, torch.float32), (3, torch.float32),
+                                            (1, torch.float64), (2, torch.bfloat16),
+                                            (1, torch.float16)], ids=str)
+@pytest.mark.parametrize("need", ["both", "theta", "flow"])
+def test_saved_derivative_matches_recompute(monkeypatch, need, channels, dtype, padding,
+                                            align_corners, layout):
+    """The forward saves d out / d q and d out / d p_hat; the backward needs only the flow's
+    stencil weights. Values and the requested gradients equal the recomputing backward's up to
+    the order of the sums, and the reference's; a retained graph's second backward is equal."""
+    theta, flow, image = make_inputs("cpu", dtype, channels=channels, flow_scale=3.0)
+    flow, image = flow.contiguous(memory_format=layout), image.contiguous(memory_format=layout)
+    theta.requires_grad_(need != "flow")
+    flow.requires_grad_(need != "theta")
+    inputs = [theta, flow]
+    out = affine_flow_warp(image, theta, flow, align_corners, padding, backend="cpu")
+    assert _saved_path(out)
+    wanted = [t for t in inputs if t.requires_grad]
+    first, second = (torch.autograd.grad(out, wanted, torch.ones_like(out), retain_graph=True)
+                     for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    got = grads(out, inputs)
+    assert len(got) == (2 if need == "both" else 1)
+    monkeypatch.setattr(_sampler, "SAVED_DERIVATIVE_CHANNELS", 0)
+    plain = affine_flow_warp(image, theta, flow, align_corners, padding, backend="cpu")
+    assert not _saved_path(plain)
+    assert torch.equal(out, plain)
+    close = 1e-12 if dtype == torch.float64 else 1e-6  # one sum reassociated: (I + J)^T sum go s
+    check_close(got, grads(plain, inputs), close)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    ref_inputs = [t.detach().to(wide).requires_grad_(t.requires_grad) for t in inputs]
+    ref = R.affine_flow_warp(image.to(wide), *ref_inputs, align_corners, padding)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in got)
+    tol = host_tolerance(dtype) if dtype in HOST_DTYPES else tolerance("cpu", dtype)
+    check_close([out], [ref], tol)
+    check_close(got, grads(ref, ref_inputs), tol)
+
+
+def test_saved_derivative_only_when_it_serves():
+    """Taken on the CPU with grad enabled, theta or flow requiring grad, the image not, and at
+    most SAVED_DERIVATIVE_CHANNELS channels."""
+    theta, flow, image = make_inputs("cpu", channels=_sampler.SAVED_DERIVATIVE_CHANNELS)
+    assert not _saved_path(affine_flow_warp(image, theta, flow, backend="cpu"))  # no grad
+    flow.requires_grad_()
+    assert _saved_path(affine_flow_warp(image, theta, flow, backend="cpu"))
+    wide = torch.randn(2, image.shape[1] + 1, *SIZE)
+    assert not _saved_path(affine_flow_warp(wide, theta, flow, backend="cpu"))
+    assert not _saved_path(affine_flow_warp(image.requires_grad_(), theta, flow, backend="cpu"))
+    assert not _saved_path(affine_flow_warp(image.detach(), theta, flow, backend="reference"))
+    with torch.no_grad():
+        assert affine_flow_warp(image.detach(), theta, flow, backend="cpu").grad_fn is None
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_saved_derivative_gradcheck_cpu_float64(padding):
+    theta, flow, image = make_inputs("cpu", torch.float64, batch=2, channels=2, size=(3, 4, 5),
+                                     flow_scale=0.7)
+    theta.requires_grad_()
+    flow.requires_grad_()
+    for align_corners in (False, True):
+        def fn(th, fl, ac=align_corners):
+            return affine_flow_warp(image, th, fl, ac, padding, backend="cpu")
+
+        assert _saved_path(fn(theta, flow))
+        assert torch.autograd.gradcheck(fn, (theta, flow))
 
 
 def test_bad_inputs():

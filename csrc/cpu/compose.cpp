@@ -6,6 +6,10 @@
 // Parallel over rows (b, d, h). Scatters (d flow, d image) go to one private buffer per range of
 // rows, summed afterwards in range order; d theta is reduced from per-row moments in a fixed
 // order. Results depend only on the thread count, never on scheduling.
+//
+// affine_flow_warp also has a saved-derivative pair (as warp, cpu/sampler.h): when only theta and
+// flow want gradients, the forward saves d out / d q and d out / d p_hat from the corner loads it
+// makes anyway, and the backward needs no flow or image loads, only the flow's stencil weights.
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <torch/library.h>
@@ -30,9 +34,10 @@ template <typename T, typename I, bool kGrad> struct ComposeBlock {
   T jac[kGrad ? 3 : 1][3][kBlock];
   RowStencils<T, I, kGrad> flow;
 
+  // p_hat and the flow's stencils there (all that the scatter to d flow needs).
   template <typename S>
-  void build(const ComposeArgs<S>& a, const AffineIndexMap<T>& A, const I* fst, int b, int d,
-             int h, int w0, int n) {
+  void place(const ComposeArgs<S>& a, const AffineIndexMap<T>& A, const I* fst, int d, int h,
+             int w0, int n) {
 #pragma GCC ivdep
     for (int v = 0; v < n; ++v) {
       T x[3];
@@ -42,27 +47,23 @@ template <typename T, typename I, bool kGrad> struct ComposeBlock {
       p_hat[2][v] = x[2];
     }
     flow.build_at(p_hat, a.size, fst, n, kBilinear, a.padding);
+  }
+
+  template <typename S>
+  void build(const ComposeArgs<S>& a, const AffineIndexMap<T>& A, const I* fst, int b, int d,
+             int h, int w0, int n) {
+    place(a, A, fst, d, h, w0, n);
     const S* fl = a.flow + b * a.fs.b;
     for (int k = 0; k < 3; ++k) {
       const S* fk = fl + k * a.fs.c;
 #pragma omp simd
       for (int v = 0; v < n; ++v) {
-        T acc = T(0), x = T(0), y = T(0), z = T(0);
-        GVSL_UNROLL
-        for (int c = 0; c < 8; ++c) {
-          const T val = static_cast<T>(fk[flow.off[c][v]]);
-          acc += flow.w[c][v] * val;
-          if constexpr (kGrad) {
-            x += flow.dw[0][c][v] * val;
-            y += flow.dw[1][c][v] * val;
-            z += flow.dw[2][c][v] * val;
-          }
-        }
-        q[k][v] = p_hat[k][v] + acc;
+        T der[3];
+        q[k][v] = p_hat[k][v] + flow.template sample<kGrad>(fk, v, der);
         if constexpr (kGrad) {
-          jac[k][0][v] = x;
-          jac[k][1][v] = y;
-          jac[k][2][v] = z;
+          jac[k][0][v] = der[0];
+          jac[k][1][v] = der[1];
+          jac[k][2][v] = der[2];
         }
       }
     }
@@ -91,15 +92,25 @@ template <typename S> Geometry row_geometry(const ComposeArgs<S>& a) {
   return g;
 }
 
-template <bool kWarp, typename I, typename S>
-void forward_rows(const ComposeArgs<S>& a, S* out, const Strides5& os) {
+// affine_flow_warp's saved derivatives: (B, 6C, D, H, W) contiguous in the accumulation type,
+// channel 6c + i = d out_c / d q_i and 6c + 3 + i = d out_c / d p_hat_i = ((I + J)^T d out_c /
+// d q)_i, J the flow's Jacobian at p_hat. Returns the offset of (b, channel 6c, d, h, 0).
+template <typename S> int64_t saved_offset(const ComposeArgs<S>& a, int b, int c, int d, int h) {
+  return ((int64_t(b) * 6 * a.channels + 6 * c) * a.size[0] + d) * a.size[1] * int64_t(a.size[2]) +
+         int64_t(h) * a.size[2];
+}
+
+// With kSave (affine_flow_warp) the loop also writes the saved derivatives to `saved`.
+template <bool kWarp, bool kSave, typename I, typename S>
+void forward_rows(const ComposeArgs<S>& a, S* out, const Strides5& os, acc_t<S>* saved) {
   using T = acc_t<S>;
   const ComposeStrides<I> cs(a);
   const Geometry g = row_geometry(a);
   const int W = a.size[2];
+  [[maybe_unused]] const int64_t vox = g.voxels();
   at::parallel_for(0, g.rows(), 1, [&](int64_t r0, int64_t r1) {
-    ComposeBlock<T, I, false> blk;
-    RowStencils<T, I, false> img;
+    ComposeBlock<T, I, kSave> blk;
+    RowStencils<T, I, kSave> img;
     for (int64_t r = r0; r < r1; ++r) {
       int b, d, h;
       g.split(r, b, d, h);
@@ -114,12 +125,19 @@ void forward_rows(const ComposeArgs<S>& a, S* out, const Strides5& os) {
           for (int c = 0; c < a.channels; ++c) {
             const S* ic = ib + c * a.is.c;
             S* oc = ob + c * os.c + w0 * os.w;
+            T* sc = kSave ? saved + saved_offset(a, b, c, d, h) + w0 : nullptr;
 #pragma omp simd
             for (int v = 0; v < n; ++v) {
-              T acc = T(0);
-              GVSL_UNROLL
-              for (int k = 0; k < 8; ++k) acc += img.w[k][v] * static_cast<T>(ic[img.off[k][v]]);
-              oc[v * os.w] = static_cast<S>(acc);
+              T s[3];  // d out / d q
+              oc[v * os.w] = static_cast<S>(img.template sample<kSave>(ic, v, s));
+              if constexpr (kSave) {
+                GVSL_UNROLL
+                for (int i = 0; i < 3; ++i) {
+                  sc[i * vox + v] = s[i];
+                  sc[(3 + i) * vox + v] = s[i] + blk.jac[0][i][v] * s[0] +
+                                          blk.jac[1][i][v] * s[1] + blk.jac[2][i][v] * s[2];
+                }
+              }
             }
           }
         } else {
@@ -137,17 +155,21 @@ void forward_rows(const ComposeArgs<S>& a, S* out, const Strides5& os) {
 }
 
 // Rows [r0, r1) of the backward pass. Scatters go to df (flow's strides) and di (image's), theta's
-// moments (12 per row) to `moments`.
-template <bool kWarp, typename I, typename S>
+// moments (12 per row) to `moments`. With kSaved (affine_flow_warp, no d image) dL/dq and dL/dp_hat
+// come from the forward's saved derivatives instead of the flow's and the image's corners.
+template <bool kWarp, bool kSaved, typename I, typename S>
 void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, ComposeNeeds need,
-                   acc_t<S>* df, acc_t<S>* di, acc_t<S>* moments, int64_t r0, int64_t r1) {
+                   const acc_t<S>* saved, acc_t<S>* df, acc_t<S>* di, acc_t<S>* moments,
+                   int64_t r0, int64_t r1) {
   using T = acc_t<S>;
   const ComposeStrides<I> cs(a);
   const Geometry geo = row_geometry(a);
   const int W = a.size[2];
-  ComposeBlock<T, I, true> blk;
-  RowStencils<T, I, true> img;
-  T g[3][kBlock];  // dL/dq
+  [[maybe_unused]] const int64_t vox = geo.voxels();
+  ComposeBlock<T, I, !kSaved> blk;
+  [[maybe_unused]] RowStencils<T, I, true> img;
+  T g[3][kBlock];   // dL/dq
+  T gp[3][kBlock];  // dL/dp_hat
   for (int64_t r = r0; r < r1; ++r) {
     int b, d, h;
     geo.split(r, b, d, h);
@@ -156,8 +178,25 @@ void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, C
     T m[kMoments] = {};
     for (int w0 = 0; w0 < W; w0 += kBlock) {
       const int n = std::min(kBlock, W - w0);
-      blk.build(a, A, cs.flow, b, d, h, w0, n);
-      if constexpr (kWarp) {
+      if constexpr (kSaved) {
+        blk.place(a, A, cs.flow, d, h, w0, n);
+        for (int v = 0; v < n; ++v)
+          g[0][v] = g[1][v] = g[2][v] = gp[0][v] = gp[1][v] = gp[2][v] = T(0);
+        for (int c = 0; c < a.channels; ++c) {
+          const S* gc = gb + c * gs.c + w0 * gs.w;
+          const T* sc = saved + saved_offset(a, b, c, d, h) + w0;
+#pragma omp simd
+          for (int v = 0; v < n; ++v) {
+            const T go = static_cast<T>(gc[v * gs.w]);
+            GVSL_UNROLL
+            for (int i = 0; i < 3; ++i) {
+              g[i][v] += go * sc[i * vox + v];
+              gp[i][v] += go * sc[(3 + i) * vox + v];
+            }
+          }
+        }
+      } else if constexpr (kWarp) {
+        blk.build(a, A, cs.flow, b, d, h, w0, n);
         img.build_at(blk.q, a.size, cs.image, n, kBilinear, a.padding);
         const S* ib = a.image + b * a.is.b;
         for (int v = 0; v < n; ++v) g[0][v] = g[1][v] = g[2][v] = T(0);
@@ -167,18 +206,12 @@ void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, C
           if (need.theta || need.flow) {
 #pragma omp simd
             for (int v = 0; v < n; ++v) {
-              T x = T(0), y = T(0), z = T(0);
-              GVSL_UNROLL
-              for (int k = 0; k < 8; ++k) {
-                const T val = static_cast<T>(ic[img.off[k][v]]);
-                x += img.dw[0][k][v] * val;
-                y += img.dw[1][k][v] * val;
-                z += img.dw[2][k][v] * val;
-              }
+              T der[3];
+              img.template sample<true>(ic, v, der);
               const T go = static_cast<T>(gc[v * gs.w]);
-              g[0][v] += go * x;
-              g[1][v] += go * y;
-              g[2][v] += go * z;
+              g[0][v] += go * der[0];
+              g[1][v] += go * der[1];
+              g[2][v] += go * der[2];
             }
           }
           if (di) {  // scatter: scalar, corner-major (see d flow below)
@@ -189,6 +222,7 @@ void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, C
           }
         }
       } else {
+        blk.build(a, A, cs.flow, b, d, h, w0, n);
         for (int k = 0; k < 3; ++k) {
           const S* gc = gb + k * gs.c + w0 * gs.w;
           for (int v = 0; v < n; ++v) g[k][v] = static_cast<T>(gc[v * gs.w]);
@@ -203,14 +237,15 @@ void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, C
             for (int v = 0; v < n; ++v) fk[blk.flow.off[c][v]] += blk.flow.w[c][v] * g[k][v];
         }
       }
-      if (need.theta) {  // dL/dp_hat = g + J^T g, J the flow's Jacobian at p_hat
-        T gp[3][kBlock];
-        for (int i = 0; i < 3; ++i)
-          for (int v = 0; v < n; ++v) gp[i][v] = g[i][v];
-        for (int k = 0; k < 3; ++k)
+      if (need.theta) {
+        if constexpr (!kSaved) {  // dL/dp_hat = g + J^T g, J the flow's Jacobian at p_hat
           for (int i = 0; i < 3; ++i)
+            for (int v = 0; v < n; ++v) gp[i][v] = g[i][v];
+          for (int k = 0; k < 3; ++k)
+            for (int i = 0; i < 3; ++i)
 #pragma omp simd
-            for (int v = 0; v < n; ++v) gp[i][v] += g[k][v] * blk.jac[k][i][v];
+              for (int v = 0; v < n; ++v) gp[i][v] += g[k][v] * blk.jac[k][i][v];
+        }
         for (int v = 0; v < n; ++v) {
           const T gv[3] = {gp[0][v], gp[1][v], gp[2][v]};
           theta_moments(gv, d, h, w0 + v, a.size, m);
@@ -221,16 +256,25 @@ void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, C
   }
 }
 
+// The forward; affine_flow_warp with a non-null `saved` also saves its derivatives there.
 template <bool kWarp, typename S>
-void forward_cpu(const ComposeArgs<S>& a, S* out, const Strides5& os) {
-  with_compose_offsets(a, [&](auto i) { forward_rows<kWarp, decltype(i)>(a, out, os); });
+void forward_cpu(const ComposeArgs<S>& a, S* out, const Strides5& os,
+                 acc_t<S>* saved = nullptr) {
+  with_compose_offsets(a, [&](auto i) {
+    if constexpr (kWarp) {
+      if (saved) return forward_rows<true, true, decltype(i)>(a, out, os, saved);
+    }
+    forward_rows<kWarp, false, decltype(i)>(a, out, os, nullptr);
+  });
 }
 
-// Returns (d image, d theta, d flow); the ones not needed are empty.
+// Returns (d image, d theta, d flow); the ones not needed are empty. A defined `saved`
+// (affine_flow_warp's forward_saved, no d image) takes the saved-derivative backward.
 template <bool kWarp, typename S>
 std::vector<at::Tensor> backward_cpu(const ComposeArgs<S>& a, const at::Tensor& grad,
                                      const at::Tensor& image, const at::Tensor& theta,
-                                     const at::Tensor& flow, ComposeNeeds need) {
+                                     const at::Tensor& flow, ComposeNeeds need,
+                                     const at::Tensor& saved = {}) {
   using T = acc_t<S>;
   const at::ScalarType acc_type = c10::CppTypeToScalarType<T>::value;
   const auto acc = flow.options().dtype(acc_type);
@@ -249,14 +293,23 @@ std::vector<at::Tensor> backward_cpu(const ComposeArgs<S>& a, const at::Tensor& 
   at::Tensor moments = need.theta ? at::zeros({1, rows, kMoments}, acc) : at::Tensor();
   const S* g = grad.const_data_ptr<S>();
   const Strides5 gs = strides5(grad);
+  const T* sv = saved.defined() ? saved.const_data_ptr<T>() : nullptr;
+  TORCH_CHECK(!sv || (kWarp && !need.image), "compose: saved derivatives serve theta and flow");
   with_compose_offsets(a, [&](auto i) {
     at::parallel_for(0, ranges, 1, [&](int64_t l0, int64_t l1) {
-      for (int64_t v = l0; v < l1; ++v)
-        backward_rows<kWarp, decltype(i)>(
-            a, g, gs, need, need.flow ? dflow[v].data_ptr<T>() : nullptr,
-            need.image ? dimage[v].data_ptr<T>() : nullptr,
-            need.theta ? moments.data_ptr<T>() : nullptr, rows * v / ranges,
-            rows * (v + 1) / ranges);
+      for (int64_t v = l0; v < l1; ++v) {
+        T* df = need.flow ? dflow[v].data_ptr<T>() : nullptr;
+        T* di = need.image ? dimage[v].data_ptr<T>() : nullptr;
+        T* mo = need.theta ? moments.data_ptr<T>() : nullptr;
+        const int64_t r0 = rows * v / ranges, r1 = rows * (v + 1) / ranges;
+        if constexpr (kWarp) {
+          if (sv) {
+            backward_rows<true, true, decltype(i)>(a, g, gs, need, sv, df, di, mo, r0, r1);
+            continue;
+          }
+        }
+        backward_rows<kWarp, false, decltype(i)>(a, g, gs, need, sv, df, di, mo, r0, r1);
+      }
     });
   });
   for (auto* bufs : {&dflow, &dimage})
@@ -323,6 +376,48 @@ std::vector<at::Tensor> affine_flow_warp_bwd_cpu(const at::Tensor& grad, const a
   return out;
 }
 
+// affine_flow_warp's forward that also saves d out / d q and d out / d p_hat (saved_offset).
+std::tuple<at::Tensor, at::Tensor> affine_flow_warp_fwd_saved_cpu(const at::Tensor& image,
+                                                                  const at::Tensor& theta,
+                                                                  const at::Tensor& flow,
+                                                                  bool align_corners,
+                                                                  int64_t padding) {
+  check_compose_inputs(theta, flow, image, at::kCPU);
+  at::Tensor out = at::empty_like(image);
+  at::Tensor saved = huge_pages(at::empty(
+      {image.size(0), 6 * image.size(1), image.size(2), image.size(3), image.size(4)},
+      image.options().dtype(acc_dtype(image))));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flow.scalar_type(), "afw", [&] {
+    const auto a = make_args<scalar_t>(theta, flow, image, image.size(1), align_corners, padding);
+    forward_cpu<true>(a, out.data_ptr<scalar_t>(), strides5(out),
+                      saved.data_ptr<acc_t<scalar_t>>());
+  });
+  return {out, saved};
+}
+
+// Returns (d theta, d flow) from the saved derivatives; the ones not needed are empty.
+std::vector<at::Tensor> affine_flow_warp_bwd_saved_cpu(const at::Tensor& grad,
+                                                       const at::Tensor& saved,
+                                                       const at::Tensor& image,
+                                                       const at::Tensor& theta,
+                                                       const at::Tensor& flow, bool align_corners,
+                                                       int64_t padding, bool need_theta,
+                                                       bool need_flow) {
+  check_compose_inputs(theta, flow, image, at::kCPU);
+  check_grad(grad, image);
+  TORCH_CHECK(saved.is_contiguous() && saved.dim() == 5 && saved.size(0) == image.size(0) &&
+                  saved.size(1) == 6 * image.size(1) &&
+                  saved.sizes().slice(2) == image.sizes().slice(2) &&
+                  saved.scalar_type() == acc_dtype(image),
+              "affine_flow_warp: the saved derivatives do not match the image");
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flow.scalar_type(), "afw", [&] {
+    const auto a = make_args<scalar_t>(theta, flow, image, image.size(1), align_corners, padding);
+    out = backward_cpu<true>(a, grad, image, theta, flow, {false, need_theta, need_flow}, saved);
+  });
+  return {out[1], out[2]};
+}
+
 }  // namespace
 }  // namespace gvsl
 
@@ -338,6 +433,14 @@ TORCH_LIBRARY_FRAGMENT(gvsl_fast, m) {
       "affine_flow_warp_bwd(Tensor grad, Tensor image, Tensor theta, Tensor flow, "
       "bool align_corners, int padding, bool need_image, bool need_theta, bool need_flow) "
       "-> Tensor[]");
+  // CPU only: the saved-derivative pair (theta and flow gradients only).
+  m.def(
+      "affine_flow_warp_fwd_saved(Tensor image, Tensor theta, Tensor flow, bool align_corners, "
+      "int padding) -> (Tensor, Tensor)");
+  m.def(
+      "affine_flow_warp_bwd_saved(Tensor grad, Tensor saved, Tensor image, Tensor theta, "
+      "Tensor flow, bool align_corners, int padding, bool need_theta, bool need_flow) "
+      "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(gvsl_fast, CPU, m) {
@@ -345,4 +448,6 @@ TORCH_LIBRARY_IMPL(gvsl_fast, CPU, m) {
   m.impl("compose_bwd", &gvsl::compose_bwd_cpu);
   m.impl("affine_flow_warp_fwd", &gvsl::affine_flow_warp_fwd_cpu);
   m.impl("affine_flow_warp_bwd", &gvsl::affine_flow_warp_bwd_cpu);
+  m.impl("affine_flow_warp_fwd_saved", &gvsl::affine_flow_warp_fwd_saved_cpu);
+  m.impl("affine_flow_warp_bwd_saved", &gvsl::affine_flow_warp_bwd_saved_cpu);
 }

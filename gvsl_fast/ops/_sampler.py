@@ -10,7 +10,7 @@ warp and grid_sample also have a CPU-only saved-derivative pair (``register_save
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -70,16 +70,20 @@ def register(qualname: str, out_spatial: Callable[[torch.Tensor, torch.Tensor], 
 
 # CPU only, up to this many channels: when the backward will want the position gradient alone
 # (the image is data, as in VoxelMorph's and MONAI's warp), the forward also saves d out / d
-# position (3C floats per output voxel, from the corner loads it makes anyway) and the backward
-# is one streaming product instead of a second pass over the stencils. On the GPU the second
-# pass is cheaper than the extra bytes, and for many channels the saved tensor would be large.
+# position (3C floats per output voxel, from the corner loads it makes anyway; affine_flow_warp
+# 6C: d out / d q and d out / d p_hat) and the backward is a streaming product (plus, for
+# affine_flow_warp, the scatter to d flow) instead of a second pass over the stencils. On the
+# GPU the second pass is cheaper than the extra bytes, and for many channels the saved tensor
+# would be large.
 SAVED_DERIVATIVE_CHANNELS = 4
 
 
-def saves_derivative(backend: str, image: torch.Tensor, pos: torch.Tensor, mode: str) -> bool:
-    """Whether a sampler forward on ``backend`` takes the saved-derivative ops (see above)."""
+def saves_derivative(backend: str, image: torch.Tensor, positions: Sequence[torch.Tensor],
+                     mode: str) -> bool:
+    """Whether a forward on ``backend`` takes the saved-derivative ops (see above): some of
+    ``positions`` (flow, grid; theta and flow for affine_flow_warp) require grad, the image not."""
     return (backend == "cpu" and mode == "bilinear" and torch.is_grad_enabled()
-            and pos.requires_grad and not image.requires_grad
+            and any(p.requires_grad for p in positions) and not image.requires_grad
             and image.shape[1] <= SAVED_DERIVATIVE_CHANNELS)
 
 

@@ -5,14 +5,15 @@ and ``affine_flow_warp(image, theta, flow)`` returns ``warp(image, psi)`` withou
 (DESIGN §3). Backends: CPU C++ and CUDA (``torch.ops.gvsl_fast.compose_*`` and
 ``affine_flow_warp_*``, per-voxel math in ``csrc/compose.h``) and Triton (``kernels/compose.py``),
 each a forward op and a backward op with fake implementations and autograd registered here, so
-``torch.compile(fullgraph=True)`` traces through them.
+``torch.compile(fullgraph=True)`` traces through them. On the CPU ``affine_flow_warp`` also has
+a saved-derivative pair (``affine_flow_warp_{fwd,bwd}_saved``), taken as warp's is (``_sampler``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from gvsl_fast.ops import _backend, reference
+from gvsl_fast.ops import _backend, _sampler, reference
 
 __all__ = ["compose", "affine_flow_warp"]
 
@@ -118,9 +119,47 @@ def _only(need, grads) -> tuple:
     return tuple(g if n else None for n, g in zip(need, grads, strict=True))
 
 
+def _register_saved() -> None:
+    """Fake kernels and autograd of the CPU pair ``affine_flow_warp_fwd_saved(image, theta, flow,
+    ...) -> (out, saved)``, ``saved`` (B, 6C, D, H, W) holding d out / d q and d out / d p_hat in
+    the accumulation dtype, and ``affine_flow_warp_bwd_saved(grad, saved, ...) -> [d theta,
+    d flow]``: only theta and flow get gradients, and the backward loads neither flow nor image."""
+    fwd, bwd = "gvsl_fast::affine_flow_warp_fwd_saved", "gvsl_fast::affine_flow_warp_bwd_saved"
+    backward_op = torch.ops.gvsl_fast.affine_flow_warp_bwd_saved
+
+    @torch.library.register_fake(fwd)
+    def _(image, theta, flow, align_corners, padding):
+        acc = torch.float64 if image.dtype == torch.float64 else torch.float32
+        return (torch.empty_like(image),
+                image.new_empty((image.shape[0], 6 * image.shape[1], *image.shape[2:]),
+                                dtype=acc))
+
+    @torch.library.register_fake(bwd)
+    def _(grad, saved, image, theta, flow, align_corners, padding, need_theta, need_flow):
+        return [_grad_like(theta, need_theta), _grad_like(flow, need_flow)]
+
+    def setup(ctx, inputs, output):
+        image, theta, flow, ctx.align_corners, ctx.padding = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero tensor for saved's gradient
+        ctx.save_for_backward(output[1], image, theta, flow)
+
+    def backward(ctx, grad, _grad_saved):
+        saved, image, theta, flow = ctx.saved_tensors
+        need = ctx.needs_input_grad[1:3]
+        if grad is None:  # an undefined (not materialized) grad is a zero one
+            return None, None, None, None, None
+        grads = backward_op(_backend.layout(grad), saved, image, theta, flow, ctx.align_corners,
+                            ctx.padding, *need)
+        return (None, *_only(need, grads), None, None)
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup)
+
+
 _OPS = {"triton": _register("_triton")}
 if _backend.extension_error() is None:
     _OPS["cpu"] = _OPS["cuda"] = _register("")
+    _register_saved()
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -209,6 +248,8 @@ def affine_flow_warp(image: torch.Tensor, theta: torch.Tensor, flow: torch.Tenso
     be = _backend.resolve("affine_flow_warp", backend, [flow, theta, image])
     if be == "reference":
         return reference.affine_flow_warp(image, theta, flow, align_corners, padding_mode)
-    return _OPS[be]["affine_flow_warp"](_backend.layout(image), theta.contiguous(),
-                                        _backend.layout(flow), align_corners,
-                                        _PADDING[padding_mode])
+    args = (_backend.layout(image), theta.contiguous(), _backend.layout(flow), align_corners,
+            _PADDING[padding_mode])
+    if _sampler.saves_derivative(be, image, (theta, flow), "bilinear"):
+        return torch.ops.gvsl_fast.affine_flow_warp_fwd_saved(*args)[0]
+    return _OPS[be]["affine_flow_warp"](*args)

@@ -123,7 +123,7 @@ def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str 
         return reference.warp(image, flow, mode, padding_mode)
     image, flow = _backend.layout(image), _backend.layout(flow)
     options = (MODE_CODES[mode], PADDING_CODES[padding_mode])
-    if _sampler.saves_derivative(be, image, flow, mode):
+    if _sampler.saves_derivative(be, image, (flow,), mode):
         return torch.ops.gvsl_fast.warp_forward_saved(image, flow, *options)[0]
     return _sampler.op_namespace(be).warp_forward(image, flow, *options, deterministic)
 
@@ -166,7 +166,7 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
         return reference.grid_sample(input, grid, mode, padding_mode, align_corners)
     input, grid = _backend.layout(input), grid.contiguous()
     options = (MODE_CODES[mode], PADDING_CODES[padding_mode], align_corners)
-    if _sampler.saves_derivative(be, input, grid, mode):
+    if _sampler.saves_derivative(be, input, (grid,), mode):
         return torch.ops.gvsl_fast.grid_sample_forward_saved(input, grid, *options)[0]
     return _sampler.op_namespace(be).grid_sample_forward(input, grid, *options, deterministic)
 
