@@ -23,6 +23,7 @@ from gvsl_fast.kernels.warp import (
     _decode,
     _theta_moments,
     affine_maps,
+    on_device,
     theta_grad,
 )
 
@@ -195,8 +196,9 @@ def forward(theta: torch.Tensor, flow: torch.Tensor, image: torch.Tensor | None,
     """psi (image None) or image(q), in the input dtype."""
     grid, head, channels = _launch_args(theta, flow, image, align_corners)
     out = torch.empty_like(flow if image is None else image)
-    _forward_kernel[grid](*head, out, *out.stride(), channels, *flow.shape[2:],
-                          BORDER=padding == 1, WARP=image is not None, BLOCK=BLOCK)
+    with on_device(flow):
+        _forward_kernel[grid](*head, out, *out.stride(), channels, *flow.shape[2:],
+                              BORDER=padding == 1, WARP=image is not None, BLOCK=BLOCK)
     return out
 
 
@@ -210,10 +212,11 @@ def backward(grad: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor,
     dimage = torch.zeros(image.shape if need_image else (1,), **f32)
     dflow = torch.zeros(flow.shape if need_flow else (1,), **f32)
     part = torch.zeros((flow.shape[0], grid[0], 12) if need_theta else (1,), **f32)
-    _backward_kernel[grid](*head, grad, *grad.stride(), dimage, dflow, part, channels,
-                           *flow.shape[2:], BORDER=padding == 1, WARP=image is not None,
-                           NEED_IMAGE=need_image, NEED_THETA=need_theta, NEED_FLOW=need_flow,
-                           BLOCK=BLOCK)
+    with on_device(flow):
+        _backward_kernel[grid](*head, grad, *grad.stride(), dimage, dflow, part, channels,
+                               *flow.shape[2:], BORDER=padding == 1, WARP=image is not None,
+                               NEED_IMAGE=need_image, NEED_THETA=need_theta,
+                               NEED_FLOW=need_flow, BLOCK=BLOCK)
     if need_theta:
         size = tuple(flow.shape[2:])
         dtheta = theta_grad(part.double().sum(1), size, size, align_corners)

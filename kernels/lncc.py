@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gvsl_fast.kernels.warp import on_device
 from gvsl_fast.ops.lncc import forward_fake, make_backward, setup_context
 
 GVSL, VOXELMORPH, MONAI = 0, 1, 2  # csrc/lncc.h LnccPreset
@@ -51,6 +52,7 @@ def _running_sum_kernel(x_ptr, y_ptr, n_lines, L, inner, R: tl.constexpr, LINES:
 @triton.jit
 def _stack_inputs_kernel(a_ptr, b_ptr, x_ptr, N, BLOCK: tl.constexpr):
     """x[0..4] = I, J, I^2, J^2, IJ (float32)."""
+    N = tl.cast(N, tl.int64)  # the stacked volumes' offsets q * N pass 2^31 before N does
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     i = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -91,6 +93,7 @@ def _cc(cross, ivar, jvar, eps, smooth_nr, PRESET: tl.constexpr):
 def _cc_kernel(s_ptr, out_ptr, partial_ptr, N, n, eps, smooth_nr, PRESET: tl.constexpr,
                MAP: tl.constexpr, BLOCK: tl.constexpr):
     """The cc map (MAP) or one partial sum of the loss terms per program."""
+    N = tl.cast(N, tl.int64)  # offsets q * N into the stacked sums
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -109,6 +112,7 @@ def _coef_kernel(s_ptr, g_ptr, c_ptr, partial_ptr, N, n, eps, smooth_nr, PRESET:
                  LOSS: tl.constexpr, BLOCK: tl.constexpr):
     """Coefficient maps a; a*muJ, b, b*muI (NEED_A); a*muI, c, c*muJ (NEED_B); with LOSS also
     one partial sum of the loss terms per program (the forward of a reduced loss)."""
+    N = tl.cast(N, tl.int64)  # offsets q * N into the stacked sums and maps
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -154,6 +158,7 @@ def _grad_kernel(box_ptr, a_ptr, b_ptr, scale_ptr, ga_ptr, gb_ptr, N, NEED_A: tl
     scalar at scale_ptr. In float64, from the float64 window sums (lncc_grad<double> of
     csrc/lncc.h: its terms cancel where the images are smooth), stored through float32 (the
     interpreter mangles float64 -> bfloat16)."""
+    N = tl.cast(N, tl.int64)  # offsets q * N into the stacked window sums
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     scale = tl.load(scale_ptr).to(tl.float64)
@@ -176,14 +181,17 @@ def _grad_kernel(box_ptr, a_ptr, b_ptr, scale_ptr, ga_ptr, gb_ptr, N, NEED_A: tl
         tl.store(gb_ptr + offs, gb.to(gb_ptr.dtype.element_ty), mask=m)
 
 
-def _box(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Zero-padded window sums (float64) of the stacked float32 volumes ``x`` (V, D, H, W), which
-    it overwrites: three running-sum passes (W, H, D), the first two into float32 buffers (as the
-    CPU backend rounds its row and plane sums), the last into a float64 one."""
+def _box(x: torch.Tensor, window: int, reuse_input: bool) -> torch.Tensor:
+    """Zero-padded window sums (float64) of the stacked float32 volumes ``x`` (V, D, H, W): three
+    running-sum passes (W, H, D), the first two into float32 buffers (as the CPU backend rounds its
+    row and plane sums), the last into a float64 one. With ``reuse_input`` the H pass overwrites
+    ``x`` (a temporary of the caller's); else ``x`` is left as it was (the forward's coefficient
+    maps, saved for backward: a second backward over the graph reads them again)."""
     V, D, H, W = x.shape
     y = torch.empty_like(x)
+    z = x if reuse_input else torch.empty_like(x)
     out = torch.empty(x.shape, device=x.device, dtype=torch.float64)
-    for (L, inner), src, dst in zip(((W, 1), (H, W), (D, H * W)), (x, y, x), (y, x, out),
+    for (L, inner), src, dst in zip(((W, 1), (H, W), (D, H * W)), (x, y, z), (y, z, out),
                                     strict=True):
         lines = src.numel() // L
         _running_sum_kernel[(triton.cdiv(lines, LINES),)](src, dst, lines, L, inner,
@@ -197,7 +205,7 @@ def _window_sums(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
     D, H, W = a.shape[2:]
     x = torch.empty((5, N), device=a.device, dtype=torch.float32)
     _stack_inputs_kernel[(triton.cdiv(N, BLOCK),)](a, b, x, N, BLOCK=BLOCK)
-    return _box(x.view(-1, D, H, W), window).view(5, N)
+    return _box(x.view(-1, D, H, W), window, reuse_input=True).view(5, N)
 
 
 @torch.library.custom_op("gvsl_fast::lncc_triton_forward", mutates_args=())
@@ -206,23 +214,28 @@ def lncc_forward(a: torch.Tensor, b: torch.Tensor, window: int, eps: float, pres
                  need_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(the cc map or the loss, the coefficient maps for a unit dL/dcc where the loss is reduced
     and an input needs a gradient): as the CPU and CUDA ops."""
-    a, b = a.contiguous(), b.contiguous()
-    N = a.numel()
-    n = float(window**3)
-    s = _window_sums(a, b, window)
-    grid = (triton.cdiv(N, BLOCK),)
-    if reduction == NONE:
-        out = a.new_empty(a.shape)
-        _cc_kernel[grid](s, out, out, N, n, eps, smooth_nr, PRESET=preset, MAP=True, BLOCK=BLOCK)
-        return out, a.new_empty(0)
-    partial = torch.empty(grid[0], device=a.device, dtype=torch.float32)
-    coef = partial.new_empty(0)
-    if need_a or need_b:  # the loss terms come with the maps, from one read of the sums
-        coef = _coefs(s, torch.ones(1, device=a.device), a, window, eps, preset, smooth_nr,
-                      need_a, need_b, partial)
-    else:
-        _cc_kernel[grid](s, partial, partial, N, n, eps, smooth_nr, PRESET=preset, MAP=False,
-                         BLOCK=BLOCK)
+    with on_device(a):
+        x, a, b = a, a.contiguous(), b.contiguous()
+        N = a.numel()
+        n = float(window**3)
+        s = _window_sums(a, b, window)
+        grid = (triton.cdiv(N, BLOCK),)
+        if reduction == NONE:
+            # the map in the input's layout, as the fake (and the CPU and CUDA ops) say: the
+            # kernel writes it contiguous, copied over for a channels_last input
+            out = torch.empty_like(x)
+            cc = out if out.is_contiguous() else a.new_empty(a.shape)
+            _cc_kernel[grid](s, cc, cc, N, n, eps, smooth_nr, PRESET=preset, MAP=True,
+                             BLOCK=BLOCK)
+            return (out if cc is out else out.copy_(cc)), a.new_empty(0)
+        partial = torch.empty(grid[0], device=a.device, dtype=torch.float32)
+        coef = partial.new_empty(0)
+        if need_a or need_b:  # the loss terms come with the maps, from one read of the sums
+            coef = _coefs(s, torch.ones(1, device=a.device), a, window, eps, preset, smooth_nr,
+                          need_a, need_b, partial)
+        else:
+            _cc_kernel[grid](s, partial, partial, N, n, eps, smooth_nr, PRESET=preset,
+                             MAP=False, BLOCK=BLOCK)
     total = partial.double().sum()  # a fixed-order reduction
     if reduction == MEAN:
         total = total / N
@@ -258,16 +271,18 @@ def lncc_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, coef: to
     ga, gb = _grad_buffers(a, b, need_a, need_b)
     if not (need_a or need_b):
         return ga, gb
-    a, b = a.contiguous(), b.contiguous()
-    D, H, W = a.shape[2:]
-    scale = grad.reshape(1).float() if coef.numel() else torch.ones(1, device=a.device)
-    if not coef.numel():
-        coef = _coefs(_window_sums(a, b, window), grad, a, window, eps, preset, smooth_nr,
-                      need_a, need_b)
-    box = _box(coef.view(-1, D, H, W), window)
-    N = a.numel()
-    _grad_kernel[(triton.cdiv(N, BLOCK),)](box, a, b, scale, ga, gb, N, NEED_A=need_a,
-                                           NEED_B=need_b, BLOCK=BLOCK)
+    with on_device(a):
+        a, b = a.contiguous(), b.contiguous()
+        D, H, W = a.shape[2:]
+        saved = coef.numel() > 0
+        scale = grad.reshape(1).float() if saved else torch.ones(1, device=a.device)
+        if not saved:
+            coef = _coefs(_window_sums(a, b, window), grad, a, window, eps, preset, smooth_nr,
+                          need_a, need_b)
+        box = _box(coef.view(-1, D, H, W), window, reuse_input=not saved)
+        N = a.numel()
+        _grad_kernel[(triton.cdiv(N, BLOCK),)](box, a, b, scale, ga, gb, N, NEED_A=need_a,
+                                               NEED_B=need_b, BLOCK=BLOCK)
     return ga, gb
 
 

@@ -15,11 +15,13 @@ associative, so the result is bit-identical run to run).
 
 The affine source's host side lives here too, shared with kernels/compose.py: ``affine_maps``
 (theta to the (B, 12) maps, via the reference's ``affine_index_map``) and ``theta_grad`` (the
-chain rule from the summed moments back to theta).
+chain rule from the summed moments back to theta), and ``on_device``, the device guard of every
+Triton op's launches (kernels/compose.py, kernels/lncc.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -258,6 +260,13 @@ def theta_grad(moments: torch.Tensor, out_size, in_size, align_corners: bool) ->
     return torch.cat([lin, (c[:, None] * mo[:, :, 3:])], 2).flip(1)
 
 
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes ``t``'s GPU the current device for the block: Triton launches on the current device
+    (and its current stream), and the inputs may live on another (cuda:1 while cuda:0 is
+    current). Nothing for CPU tensors (TRITON_INTERPRET=1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _pos_strides(pos: torch.Tensor, source: int) -> tuple[int, ...]:
     """(b, c, d, h, w) element strides of the position tensor (unused for affine maps)."""
     if source == FLOW:
@@ -285,11 +294,12 @@ def forward(image: torch.Tensor, pos: torch.Tensor, source: int, mode: int, padd
     B, C, D, H, W = image.shape
     OD, OH, OW = out_spatial
     grid = (triton.cdiv(OD * OH * OW, BLOCK), B)
-    _forward_kernel[grid](
-        image, pos, out, C, D, H, W, OD, OH, OW, *image.stride(), *out.stride(),
-        *_pos_strides(pos, source), SOURCE=source, ALIGN=align_corners, BORDER=padding == 1,
-        NEAREST=mode == 1, BLOCK=BLOCK,
-    )
+    with on_device(image):
+        _forward_kernel[grid](
+            image, pos, out, C, D, H, W, OD, OH, OW, *image.stride(), *out.stride(),
+            *_pos_strides(pos, source), SOURCE=source, ALIGN=align_corners, BORDER=padding == 1,
+            NEAREST=mode == 1, BLOCK=BLOCK,
+        )
     return out
 
 
@@ -308,13 +318,14 @@ def backward(grad_out: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, sou
         gpos = torch.empty_like(pos) if pos_grad else pos.new_empty(1)
     scale = (_fixed_point_scale(grad_out, OD * OH * OW) if image_grad and deterministic
              else torch.ones(1, device=image.device))
-    _backward_kernel[(n_prog, B)](
-        image, pos, grad_out, gimg, gpos, scale, C, D, H, W, OD, OH, OW,
-        *image.stride(), *grad_out.stride(), *_pos_strides(pos, source),
-        SOURCE=source, ALIGN=align_corners, BORDER=padding == 1, NEAREST=mode == 1,
-        IMAGE_GRAD=image_grad, POS_GRAD=pos_grad, FIXED_POINT=image_grad and deterministic,
-        BLOCK=BLOCK,
-    )
+    with on_device(image):
+        _backward_kernel[(n_prog, B)](
+            image, pos, grad_out, gimg, gpos, scale, C, D, H, W, OD, OH, OW,
+            *image.stride(), *grad_out.stride(), *_pos_strides(pos, source),
+            SOURCE=source, ALIGN=align_corners, BORDER=padding == 1, NEAREST=mode == 1,
+            IMAGE_GRAD=image_grad, POS_GRAD=pos_grad, FIXED_POINT=image_grad and deterministic,
+            BLOCK=BLOCK,
+        )
     d_image = None
     if image_grad:
         d_image = (gimg.double() / scale.double()) if deterministic else gimg

@@ -4,13 +4,14 @@ reductions, windows, dtypes, layouts, gradcheck, torch.compile, bad input, drop-
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from common import HALF, backend_ids, fast_backends, rel_err, tolerance
 
-from gvsl_fast.ops import NCC, LocalNormalizedCrossCorrelationLoss, lncc, reference
+from gvsl_fast.ops import NCC, LocalNormalizedCrossCorrelationLoss, _backend, lncc, reference
 
 BACKENDS = fast_backends()
 PRESETS = ("gvsl", "voxelmorph", "monai")
@@ -226,6 +227,43 @@ def test_forward_leaves_maps_only_when_needed(device, backend):
         assert rel_err(got, want) <= 1e-6
 
 
+def saved_tensors(out: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor that the autograd graph of ``out`` saved for backward: the ctx tensors of the
+    custom ops' nodes, the ``_saved_*`` tensors of built-in ones (the reference)."""
+    found, seen, todo = [], set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found += list(getattr(node, "saved_tensors", ()))
+        found += [t for t in (getattr(node, k) for k in dir(node) if k.startswith("_saved_"))
+                  if isinstance(t, torch.Tensor)]
+        todo += [next_node for next_node, _ in node.next_functions]
+    return found
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS + [("cpu", "reference")],
+                         ids=backend_ids(BACKENDS + [("cpu", "reference")]))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_twice(device, backend, reduction):
+    """Two backwards over one retained graph give one gradient and leave what the forward saved
+    as it was. (The Triton backward box-summed the forward's saved coefficient maps in place: a
+    second one summed the sums, off by 0.05 for gradients of at most 0.005 here.)"""
+    a, b = volumes((1, 1, 9, 10, 11), device)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    out = lncc(a, b, 3, reduction=reduction, backend=backend)
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    saved = saved_tensors(out)
+    assert saved
+    before = [t.clone() for t in saved]
+    first = torch.autograd.grad(out, (a, b), up, retain_graph=True)
+    second = torch.autograd.grad(out, (a, b), up)
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
+    assert all(torch.equal(t, t0) for t, t0 in zip(saved, before, strict=True))
+
+
 def test_torch_compile_cpu():
     a, b = volumes((1, 2, 6, 7, 8), "cpu")
     a.requires_grad_(True)
@@ -240,6 +278,19 @@ def test_torch_compile_cpu():
     (ra,) = torch.autograd.grad(ref, a)
     assert rel_err(got, ref) <= 1e-5
     assert rel_err(ga, ra) <= 1e-5
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
+def test_torch_compile_channels_last_map(device, backend):
+    """The cc map of channels_last input under torch.compile(fullgraph=True): every op returns
+    the layout its fake promises, the input's. (The Triton op returned a contiguous map: compile
+    failed with "incorrect fake kernel".)"""
+    a, b = (t.to(memory_format=torch.channels_last_3d) for t in volumes((1, 3, 5, 6, 7), device))
+    fn = lambda x, y: lncc(x, y, 3, reduction="none", backend=backend)
+    got = torch.compile(fn, fullgraph=True)(a, b)
+    want = fn(a, b)
+    assert want.stride() == a.stride()
+    assert rel_err(got, want) <= 1e-6
 
 
 def test_auto_matches_reference():
@@ -281,6 +332,38 @@ def test_unavailable_backend():
         lncc(a, b, backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         lncc(a, b, backend="fast")
+
+
+def _pretend_cuda(monkeypatch) -> None:
+    """backend='auto' picks the CUDA kernels (for CPU tensors: the window check comes first),
+    with a fresh record of what lncc has announced."""
+    monkeypatch.setattr(_backend, "resolve", lambda op, backend, tensors: "cuda")
+    monkeypatch.setattr(_backend, "_announced", set())
+
+
+def test_large_window_without_triton_falls_back_to_reference(monkeypatch):
+    """backend='auto' takes windows over the CUDA kernels' limit (15) to Triton; without Triton,
+    to the reference, said once."""
+    _pretend_cuda(monkeypatch)
+    monkeypatch.setattr(_backend, "triton_error", lambda device: "triton is not importable (test)")
+    a, b = volumes((1, 1, 5, 6, 7), "cpu")
+    with pytest.warns(RuntimeWarning, match="reference: windows over 15.*not importable"):
+        got = lncc(a, b, 17)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = lncc(a, b, 17)
+    want = reference.lncc(a, b, 17)
+    assert torch.equal(got, want) and torch.equal(again, want)
+
+
+@pytest.mark.skipif(("cpu", "triton") not in BACKENDS, reason="needs Triton under the interpreter")
+def test_large_window_goes_to_triton(monkeypatch):
+    _pretend_cuda(monkeypatch)
+    a, b = volumes((1, 1, 5, 6, 7), "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = lncc(a, b, 17)
+    assert rel_err(got, reference.lncc(a.double(), b.double(), 17)) <= tolerance("cpu", a.dtype)
 
 
 # ---- drop-in modules -------------------------------------------------------------------------

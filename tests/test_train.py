@@ -18,6 +18,7 @@ from gvsl_fast.cli import main
 from gvsl_fast.models import GVSL, UNet3D
 from gvsl_fast.train import checkpoint, loop
 from gvsl_fast.train.config import TrainConfig
+from gvsl_fast.train.distributed import DistInfo
 from gvsl_fast.train.logs import LOSSES, TRAIN_COLUMNS
 from gvsl_fast.train.loop import pretrain
 
@@ -136,6 +137,18 @@ def test_checkpoint_errors_are_clear(tmp_path, cohort_cache):
     # a fresh run refuses to overwrite an existing one; resume continues it
     with pytest.raises(RuntimeError, match="already holds checkpoints"):
         pretrain(_cfg(out, cohort_cache, steps=2))
+
+
+def test_a_single_process_makes_its_gpu_current(monkeypatch):
+    """--device cuda:N makes N the current device of a single process (a DDP rank's is set by
+    distributed.setup): kernels launch on the current device."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    loop.use_device(torch.device("cuda:1"), DistInfo())
+    for device, dist in (("cuda", DistInfo()), ("cpu", DistInfo()),
+                         ("cuda:1", DistInfo(rank=1, world_size=2, local_rank=1))):
+        loop.use_device(torch.device(device), dist)
+    assert calls == [torch.device("cuda:1")]
 
 
 def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 // csrc/sampling.h by a one-block kernel; the sampler skeleton of sampler.cuh runs with an
 // AffineSource; the theta gradient is the per-block moments summed per batch in a fixed order
 // (a deterministic reduction, no float atomics) and turned into d theta by csrc/warp.h.
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/sampler.cuh"
@@ -38,6 +39,7 @@ AffineSource<T> affine_source(const at::Tensor& maps) {
 at::Tensor affine_warp_forward(const at::Tensor& image, const at::Tensor& theta, int64_t padding,
                                bool align_corners, bool /*deterministic*/) {
   check_theta(image, theta);
+  const c10::cuda::CUDAGuard guard(image.device());  // launch on the inputs' device and stream
   at::Tensor out = new_output(image, image.sizes().slice(2));
   const AffineSizes z = sizes_of(image);
   GVSL_DISPATCH_FAST(image.scalar_type(), "affine", [&] {
@@ -52,6 +54,7 @@ std::tuple<at::Tensor, at::Tensor> affine_warp_backward(
     const at::Tensor& grad_out, const at::Tensor& image, const at::Tensor& theta, int64_t padding,
     bool align_corners, bool deterministic, bool image_grad, bool theta_grad) {
   check_theta(image, theta);
+  const c10::cuda::CUDAGuard guard(image.device());
   const AffineSizes z = sizes_of(image);
   at::Tensor gimg, gtheta;
   GVSL_DISPATCH_FAST(image.scalar_type(), "affine_bwd", [&] {

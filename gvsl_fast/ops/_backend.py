@@ -65,7 +65,8 @@ def triton_error(device: torch.device) -> str | None:
     return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
 
 
-def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+def why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run on ``device`` and ``dtype``, or None when it can."""
     if backend == "reference":
         return None
     if backend == "cpu":
@@ -93,25 +94,26 @@ def resolve(op: str, backend: str, tensors: Sequence[torch.Tensor]) -> str:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     device, dtype = tensors[0].device, tensors[0].dtype
     if backend != "auto":
-        why = _why_not(backend, device, dtype)
+        why = why_not(backend, device, dtype)
         if why:
             raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
         return backend
     order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     reasons = []
     for cand in order:
-        why = _why_not(cand, device, dtype)
+        why = why_not(cand, device, dtype)
         if why is None:
             return cand
         reasons.append(why)
-    key = (op, "; ".join(reasons))
-    if key not in _announced:
-        _announced.add(key)
-        warnings.warn(
-            f"gvsl_fast.ops.{op}: backend='auto' falls back to the PyTorch reference: {key[1]}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    return fallback(op, "; ".join(reasons))
+
+
+def fallback(op: str, why: str) -> str:
+    """``"reference"``, saying once per (op, reason) that backend='auto' falls back to it."""
+    if (op, why) not in _announced:
+        _announced.add((op, why))
+        warnings.warn(f"gvsl_fast.ops.{op}: backend='auto' falls back to the PyTorch reference: "
+                      f"{why}", RuntimeWarning, stacklevel=4)
     return "reference"
 
 

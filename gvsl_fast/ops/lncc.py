@@ -73,7 +73,7 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
         if backend == "cuda":
             raise RuntimeError(f"{OP}: backend='cuda' supports windows up to {CUDA_MAX_WINDOW}, "
                                f"got {window}; use backend='triton'")
-        be = "triton"
+        be = _large_window_backend(a)
     if be == "reference":
         return reference.lncc(a, b, window, eps, reduction, preset, smooth_nr=smooth_nr)
     a, b = _backend.layout(a), _backend.layout(b)
@@ -85,6 +85,16 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
 
         return triton_lncc.lncc_forward(*args)[0]
     return torch.ops.gvsl_fast.lncc_forward(*args)[0]
+
+
+def _large_window_backend(a: torch.Tensor) -> str:
+    """Where backend='auto' runs a window the CUDA kernels do not take: Triton, else the
+    reference (said once, as _backend.resolve says its fallbacks)."""
+    why = _backend.why_not("triton", a.device, a.dtype)
+    if why is None:
+        return "triton"
+    return _backend.fallback(OP, f"windows over {CUDA_MAX_WINDOW} (the CUDA kernels' limit) "
+                                 f"need Triton: {why}")
 
 
 def grad_of_cc(grad: torch.Tensor, a: torch.Tensor, reduction: int) -> torch.Tensor:

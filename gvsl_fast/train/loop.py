@@ -41,6 +41,14 @@ def choose_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def use_device(device: torch.device, dist: distributed.DistInfo) -> None:
+    """Makes a single process's ``--device cuda:N`` the current device, as distributed.setup
+    does a DDP rank's: kernels launch and ``"cuda"`` allocations go to the current device, which
+    would otherwise stay cuda:0."""
+    if device.type == "cuda" and device.index is not None and not dist.enabled:
+        torch.cuda.set_device(device)
+
+
 def cpu_has_bf16_kernels() -> bool:
     """Whether oneDNN runs bf16 on this CPU (what routes bf16 convolutions to it)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -100,6 +108,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.device = choose_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = distributed.setup(self.device.type)
+        use_device(self.device, self.dist)
         self.cfg = cfg = cfg.resolved(self.device.type)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg, self.device)
