@@ -194,6 +194,17 @@ def test_no_drift_at_moderate_size(device, backend):
         assert rel_err(x, r) <= tolerance(device, torch.float32)
 
 
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p[0] == "cuda"],
+                         ids=backend_ids([p for p in BACKENDS if p[0] == "cuda"]))
+@pytest.mark.parametrize("window", [3, 9, 15])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_partial_tiles_and_depth_chunks_gpu(device, backend, window, reduction):
+    """W and H not multiples of the CUDA tile (partial tiles past the first), and a depth that
+    the launch splits into uneven chunks for the smaller windows (2K-deep chunks of 41 slices)."""
+    check_against_reference(device, backend, (1, 2, 41, 19, 45), window, "gvsl", reduction,
+                            torch.float32)
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck_cpu(preset, reduction):
