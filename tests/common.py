@@ -29,6 +29,21 @@ def tolerance(device: str | torch.device, dtype: torch.dtype) -> float:
     return 1e-4 if torch.device(device).type == "cuda" else 1e-5
 
 
+def upstream_grads(out: torch.Tensor, inputs, seed: int = 0,
+                   layout: torch.memory_format = torch.contiguous_format):
+    """Gradients of `out` for those of `inputs` that require grad, under a fixed random upstream
+    gradient in `layout`."""
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    go = go.to(out.device, out.dtype).contiguous(memory_format=layout)
+    return torch.autograd.grad(out, [t for t in inputs if t.requires_grad], go)
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, device, dtype: torch.dtype) -> None:
+    """Same shape and dtype as `ref`, within DESIGN §6's tolerance for `device` and `dtype`."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) <= tolerance(device, dtype), rel_err(out, ref)
+
+
 # A channel count that the CPU's channel-vector loops (channels_last images from 8 channels on)
 # split into whole vectors (8 float or 4 double channels) plus a remainder, on 1 and 2 threads.
 VECTOR_CHANNELS = 19

@@ -12,13 +12,14 @@ from common import (
     HALF,
     HOST_DTYPES,
     VECTOR_CHANNELS,
+    assert_matches,
     backend_ids,
     channel_vector_cases,
     check_host_sampler,
     fast_backends,
     num_threads,
     rel_err,
-    tolerance,
+    upstream_grads,
 )
 
 from gvsl_fast.ops import affine_warp, reference
@@ -33,17 +34,6 @@ def _theta(batch, device, spread=0.25, dtype=torch.float32):
     """Rotation/scale/shear/translation around the identity; corners leave the volume."""
     th = torch.eye(3, 4).repeat(batch, 1, 1) + spread * torch.randn(batch, 3, 4)
     return th.to(device=device, dtype=dtype)
-
-
-def _grads(out, inputs, seed=0, layout=torch.contiguous_format):
-    g = torch.Generator().manual_seed(seed)
-    go = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-    return torch.autograd.grad(out, inputs, go.contiguous(memory_format=layout))
-
-
-def _check(out, ref, device, dtype):
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert rel_err(out, ref) <= tolerance(device, dtype), rel_err(out, ref)
 
 
 def _torch_affine_warp(image, theta, align_corners, padding):
@@ -61,13 +51,13 @@ def test_values_and_grads(device, backend, padding, align_corners):
     theta = _theta(SHAPE[0], device)
     args = [t.clone().requires_grad_() for t in (image, theta)]
     out = affine_warp(*args, align_corners, padding, backend=backend)
-    grads = _grads(out, args)
+    grads = upstream_grads(out, args)
     for ref_fn in (reference.affine_warp, _torch_affine_warp):
         ref_args = [t.clone().requires_grad_() for t in (image, theta)]
         ref = ref_fn(*ref_args, align_corners, padding)
-        _check(out, ref, device, torch.float32)
-        for g, r in zip(grads, _grads(ref, ref_args), strict=True):
-            _check(g, r, device, torch.float32)
+        assert_matches(out, ref, device, torch.float32)
+        for g, r in zip(grads, upstream_grads(ref, ref_args), strict=True):
+            assert_matches(g, r, device, torch.float32)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
@@ -78,11 +68,11 @@ def test_theta_gradient_only_and_image_gradient_only(device, backend):
     for i, wanted in enumerate(((False, True), (True, False))):
         args = [t.clone().requires_grad_(w) for t, w in zip((image, theta), wanted, strict=True)]
         target = args[1 - i]
-        (g,) = _grads(affine_warp(*args, backend=backend), [target])
+        (g,) = upstream_grads(affine_warp(*args, backend=backend), [target])
         ref_args = [t.clone().requires_grad_(w) for t, w in zip((image, theta), wanted,
                                                                  strict=True)]
-        (r,) = _grads(reference.affine_warp(*ref_args), [ref_args[1 - i]])
-        _check(g, r, device, torch.float32)
+        (r,) = upstream_grads(reference.affine_warp(*ref_args), [ref_args[1 - i]])
+        assert_matches(g, r, device, torch.float32)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
@@ -103,7 +93,7 @@ def test_reproducible_gradients(device, backend):
     theta = _theta(2, device, spread=0.1).requires_grad_()
     runs = []
     for _ in range(3):
-        runs.append(_grads(affine_warp(image, theta, deterministic=True, backend=backend),
+        runs.append(upstream_grads(affine_warp(image, theta, deterministic=True, backend=backend),
                            [image, theta]))
     for later in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], later, strict=True))
@@ -119,9 +109,9 @@ def test_channels_last(device, backend):
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     ref_args = [t.detach().contiguous().requires_grad_() for t in (image, theta)]
     ref = reference.affine_warp(*ref_args)
-    _check(out, ref, device, torch.float32)
-    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
-        _check(g, r, device, torch.float32)
+    assert_matches(out, ref, device, torch.float32)
+    for g, r in zip(upstream_grads(out, args), upstream_grads(ref, ref_args), strict=True):
+        assert_matches(g, r, device, torch.float32)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
@@ -136,7 +126,7 @@ def test_half_dtypes(device, backend, dtype):
     ref_args = [t.to(dtype).float().requires_grad_() for t in (image, theta)]
     ref = reference.affine_warp(*ref_args)
     assert rel_err(out, ref) <= 1e-2
-    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
+    for g, r in zip(upstream_grads(out, args), upstream_grads(ref, ref_args), strict=True):
         assert g.dtype == dtype
         assert rel_err(g, r) <= 1e-2
 
@@ -210,13 +200,13 @@ def test_many_channels(device, backend, layout):
         theta = _theta(2, device, dtype=dtype)
         ref_args = [t.detach().contiguous().requires_grad_() for t in (image, theta)]
         ref = reference.affine_warp(*ref_args)
-        ref_grads = _grads(ref, ref_args)
+        ref_grads = upstream_grads(ref, ref_args)
         for grad_layout in dict.fromkeys((torch.contiguous_format, layout)):  # each once
             args = [t.clone().requires_grad_() for t in (image, theta)]
             with num_threads(threads):
                 out = affine_warp(*args, backend=backend)
-                grads = _grads(out, args, layout=grad_layout)
+                grads = upstream_grads(out, args, layout=grad_layout)
             assert grads[0].stride() == image.stride()
-            _check(out, ref, device, dtype)
+            assert_matches(out, ref, device, dtype)
             for g, r in zip(grads, ref_grads, strict=True):
-                _check(g, r, device, dtype)
+                assert_matches(g, r, device, dtype)

@@ -7,10 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from gvsl_fast.ops import _sampler, affine_flow_warp, compose
-from gvsl_fast.ops import reference as R
-from tests.common import (
+from common import (
     HALF,
     HOST_DTYPES,
     backend_ids,
@@ -18,7 +15,11 @@ from tests.common import (
     host_tolerance,
     rel_err,
     tolerance,
+    upstream_grads,
 )
+
+from gvsl_fast.ops import _sampler, affine_flow_warp, compose
+from gvsl_fast.ops import reference as R
 
 BACKENDS = fast_backends()
 IDS = backend_ids(BACKENDS)
@@ -35,12 +36,6 @@ def make_inputs(device, dtype=torch.float32, batch=2, channels=2, size=SIZE, flo
     image = torch.randn(batch, channels, *size, generator=g)
     image[:, :, :2] = 0.5  # a constant region
     return [t.to(device=device, dtype=dtype) for t in (theta, flow, image)]
-
-
-def grads(out, inputs, seed=1):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
-    need = [t for t in inputs if t.requires_grad]
-    return torch.autograd.grad(out, need, g)
 
 
 def check_close(outs, refs, tol):
@@ -60,7 +55,7 @@ def test_compose_matches_reference(device, backend, padding, align_corners):
     tol = tolerance(device, torch.float32)
     assert out.shape == flow.shape and out.dtype == flow.dtype
     check_close([out], [ref], tol)
-    check_close(grads(out, [theta, flow]), grads(ref, [theta, flow]), tol)
+    check_close(upstream_grads(out, [theta, flow]), upstream_grads(ref, [theta, flow]), tol)
 
 
 @pytest.mark.parametrize("image_grad", [False, True])
@@ -79,9 +74,9 @@ def test_affine_flow_warp_matches_reference(device, backend, padding, align_corn
     tol = tolerance(device, torch.float32)
     assert out.shape == image.shape
     check_close([out], [ref], tol)
-    got = grads(out, inputs)
+    got = upstream_grads(out, inputs)
     assert len(got) == (3 if image_grad else 2)
-    check_close(got, grads(ref, inputs), tol)
+    check_close(got, upstream_grads(ref, inputs), tol)
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS, ids=IDS)
@@ -190,10 +185,10 @@ def test_half_inputs(device, backend, dtype):
     psi_ref = R.compose(*ref_in[1:])
     out_ref = R.affine_flow_warp(*ref_in, padding_mode="border")
     check_close([psi, out], [psi_ref, out_ref], 1e-2)
-    check_close(grads(psi, [theta, flow]), grads(psi_ref, ref_in[1:]), 1e-2)
-    got = grads(out, [image, theta, flow])
+    check_close(upstream_grads(psi, [theta, flow]), upstream_grads(psi_ref, ref_in[1:]), 1e-2)
+    got = upstream_grads(out, [image, theta, flow])
     assert all(g.dtype == dtype for g in got)
-    check_close(got, grads(out_ref, ref_in), 1e-2)
+    check_close(got, upstream_grads(out_ref, ref_in), 1e-2)
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS, ids=IDS)
@@ -223,7 +218,7 @@ def test_gradcheck_cpu_float64(padding):
 def test_theta_gradient_is_reproducible():
     theta, flow, image = make_inputs("cpu", size=(17, 23, 29))
     theta.requires_grad_()
-    runs = [grads(affine_flow_warp(image, theta, flow, backend="cpu"), [theta])[0]
+    runs = [upstream_grads(affine_flow_warp(image, theta, flow, backend="cpu"), [theta])[0]
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
 
@@ -238,7 +233,7 @@ def test_cpu_thread_count_does_not_change_results():
         torch.set_num_threads(n)
         try:
             out = affine_flow_warp(image, theta, flow, backend="cpu")
-            runs.append(grads(out, [image, theta, flow]))
+            runs.append(upstream_grads(out, [image, theta, flow]))
         finally:
             torch.set_num_threads(threads)
     check_close(runs[1], runs[0], 1e-6)
@@ -290,21 +285,21 @@ def test_saved_derivative_matches_recompute(monkeypatch, need, channels, dtype, 
     first, second = (torch.autograd.grad(out, wanted, torch.ones_like(out), retain_graph=True)
                      for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    got = grads(out, inputs)
+    got = upstream_grads(out, inputs)
     assert len(got) == (2 if need == "both" else 1)
     monkeypatch.setattr(_sampler, "SAVED_DERIVATIVE_CHANNELS", 0)
     plain = affine_flow_warp(image, theta, flow, align_corners, padding, backend="cpu")
     assert not _saved_path(plain)
     assert torch.equal(out, plain)
     close = 1e-12 if dtype == torch.float64 else 1e-6  # one sum reassociated: (I + J)^T sum go s
-    check_close(got, grads(plain, inputs), close)
+    check_close(got, upstream_grads(plain, inputs), close)
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     ref_inputs = [t.detach().to(wide).requires_grad_(t.requires_grad) for t in inputs]
     ref = R.affine_flow_warp(image.to(wide), *ref_inputs, align_corners, padding)
     assert out.dtype == dtype and all(g.dtype == dtype for g in got)
     tol = host_tolerance(dtype) if dtype in HOST_DTYPES else tolerance("cpu", dtype)
     check_close([out], [ref], tol)
-    check_close(got, grads(ref, ref_inputs), tol)
+    check_close(got, upstream_grads(ref, ref_inputs), tol)
 
 
 def test_saved_derivative_only_when_it_serves():

@@ -12,6 +12,7 @@ from common import (
     HALF,
     HOST_DTYPES,
     VECTOR_CHANNELS,
+    assert_matches,
     backend_ids,
     channel_vector_cases,
     check_host_sampler,
@@ -19,6 +20,7 @@ from common import (
     num_threads,
     rel_err,
     tolerance,
+    upstream_grads,
 )
 
 from gvsl_fast.ops import SpatialTransformer, Warp, _sampler, grid_sample, reference, warp
@@ -41,18 +43,6 @@ def _flow(shape, device, dtype=torch.float32, scale=3.0, identity_slab=True):
     return f.to(dtype)
 
 
-def _grads(out, inputs, seed=0, layout=torch.contiguous_format):
-    g = torch.Generator().manual_seed(seed)
-    go = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-    return torch.autograd.grad(out, inputs, go.contiguous(memory_format=layout))
-
-
-def _check(out, ref, device, dtype):
-    tol = tolerance(device, dtype)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert rel_err(out, ref) <= tol, rel_err(out, ref)
-
-
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_warp_values_and_grads(device, backend, padding):
@@ -64,9 +54,9 @@ def test_warp_values_and_grads(device, backend, padding):
     out = warp(*args, padding_mode=padding, backend=backend)
     ref_args = [t.clone().requires_grad_() for t in (image, flow)]
     ref = reference.warp(*ref_args, padding_mode=padding)
-    _check(out, ref, device, torch.float32)
-    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
-        _check(g, r, device, torch.float32)
+    assert_matches(out, ref, device, torch.float32)
+    for g, r in zip(upstream_grads(out, args), upstream_grads(ref, ref_args), strict=True):
+        assert_matches(g, r, device, torch.float32)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
@@ -96,10 +86,10 @@ def test_flow_gradient_only(device, backend):
     image = torch.randn(1, 1, 9, 8, 7, device=device)
     flow = _flow(image.shape, device).requires_grad_()
     out = warp(image, flow, backend=backend)
-    (g,) = _grads(out, [flow])
+    (g,) = upstream_grads(out, [flow])
     ref_flow = flow.detach().clone().requires_grad_()
-    (r,) = _grads(reference.warp(image, ref_flow), [ref_flow])
-    _check(g, r, device, torch.float32)
+    (r,) = upstream_grads(reference.warp(image, ref_flow), [ref_flow])
+    assert_matches(g, r, device, torch.float32)
     assert image.grad is None
 
 
@@ -113,9 +103,9 @@ def test_channels_last(device, backend):
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     ref_args = [t.detach().contiguous().requires_grad_() for t in (image, flow)]
     ref = reference.warp(*ref_args, padding_mode="border")
-    _check(out, ref, device, torch.float32)
-    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
-        _check(g, r, device, torch.float32)
+    assert_matches(out, ref, device, torch.float32)
+    for g, r in zip(upstream_grads(out, args), upstream_grads(ref, ref_args), strict=True):
+        assert_matches(g, r, device, torch.float32)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
@@ -130,7 +120,7 @@ def test_half_dtypes(device, backend, dtype):
     ref_args = [t.to(dtype).float().requires_grad_() for t in (image, flow)]
     ref = reference.warp(*ref_args)
     assert rel_err(out, ref) <= 1e-2
-    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
+    for g, r in zip(upstream_grads(out, args), upstream_grads(ref, ref_args), strict=True):
         assert g.dtype == dtype
         assert rel_err(g, r) <= 1e-2
 
@@ -143,12 +133,12 @@ def test_deterministic_image_grad_is_bitwise_reproducible(device, backend):
     grads = []
     for _ in range(3):
         out = warp(image, flow, deterministic=True, backend=backend)
-        (g,) = _grads(out, [image])
+        (g,) = upstream_grads(out, [image])
         grads.append(g)
     assert all(torch.equal(grads[0], g) for g in grads[1:])
     ref = reference.warp(image, flow)
-    (r,) = _grads(ref, [image])
-    _check(grads[0], r, device, torch.float32)
+    (r,) = upstream_grads(ref, [image])
+    assert_matches(grads[0], r, device, torch.float32)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
@@ -189,9 +179,9 @@ def test_grid_sample_matches_torch(device, backend, padding, align_corners):
     out = grid_sample(*args, padding_mode=padding, align_corners=align_corners, backend=backend)
     ref_args = [t.clone().requires_grad_() for t in (image, grid)]
     ref = F.grid_sample(*ref_args, padding_mode=padding, align_corners=align_corners)
-    _check(out, ref, device, torch.float32)
-    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
-        _check(g, r, device, torch.float32)
+    assert_matches(out, ref, device, torch.float32)
+    for g, r in zip(upstream_grads(out, args), upstream_grads(ref, ref_args), strict=True):
+        assert_matches(g, r, device, torch.float32)
     near = grid_sample(image, grid, "nearest", padding, align_corners, backend=backend)
     assert torch.equal(near, reference.grid_sample(image, grid, "nearest", padding,
                                                    align_corners))
@@ -240,17 +230,17 @@ def test_saved_derivative_matches_recompute(monkeypatch, source, layout, padding
     (first,) = torch.autograd.grad(out, [pos], torch.ones_like(out), retain_graph=True)
     (second,) = torch.autograd.grad(out, [pos], torch.ones_like(out), retain_graph=True)
     assert torch.equal(first, second)
-    (g,) = _grads(out, [pos], layout=layout)
+    (g,) = upstream_grads(out, [pos], layout=layout)
     monkeypatch.setattr(_sampler, "SAVED_DERIVATIVE_CHANNELS", 0)
     plain = _sample(source, image, pos, padding)
     assert not _saved_path(plain)
-    (g_plain,) = _grads(plain, [pos], layout=layout)
+    (g_plain,) = upstream_grads(plain, [pos], layout=layout)
     exact = 1e-12 if dtype == torch.float64 else 1e-6
     assert rel_err(out, plain) <= exact and rel_err(g, g_plain) <= exact
     ref_pos = pos.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
     ref_pos.requires_grad_()
     ref = _sample(source, image.to(ref_pos.dtype), ref_pos, padding, "reference")
-    (r,) = _grads(ref, [ref_pos], layout=layout)
+    (r,) = upstream_grads(ref, [ref_pos], layout=layout)
     assert out.dtype == g.dtype == dtype
     assert rel_err(out, ref) <= tolerance("cpu", dtype)
     assert rel_err(g, r) <= tolerance("cpu", dtype)
@@ -380,9 +370,9 @@ def test_voxelmorph_spatial_transformer(device, backend):
     out = SpatialTransformer(SHAPE[2:], backend=backend)(*args)
     ref_args = [t.clone().requires_grad_() for t in (src, flow)]
     ref = _voxelmorph_transform(*ref_args)
-    _check(out, ref, device, torch.float32)
-    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
-        _check(g, r, device, torch.float32)
+    assert_matches(out, ref, device, torch.float32)
+    for g, r in zip(upstream_grads(out, args), upstream_grads(ref, ref_args), strict=True):
+        assert_matches(g, r, device, torch.float32)
     with pytest.raises(ValueError, match="size"):
         SpatialTransformer((5, 5, 5))(src, flow)
 
@@ -398,9 +388,9 @@ def test_monai_warp(device, backend, padding):
     out = Warp("bilinear", padding, backend=backend)(*args)
     ref_args = [t.clone().requires_grad_() for t in (image, ddf)]
     ref = monai_blocks.Warp("bilinear", padding)(*ref_args)
-    _check(out, ref, device, torch.float32)
-    for g, r in zip(_grads(out, args), _grads(ref, ref_args), strict=True):
-        _check(g, r, device, torch.float32)
+    assert_matches(out, ref, device, torch.float32)
+    for g, r in zip(upstream_grads(out, args), upstream_grads(ref, ref_args), strict=True):
+        assert_matches(g, r, device, torch.float32)
 
 
 # ---- bad input -----------------------------------------------------------------------------
@@ -451,13 +441,13 @@ def test_many_channels(device, backend, layout, padding):
         flow = _flow(shape, device, dtype=dtype)
         ref_args = [t.detach().contiguous().requires_grad_() for t in (image, flow)]
         ref = reference.warp(*ref_args, padding_mode=padding)
-        ref_grads = _grads(ref, ref_args)
+        ref_grads = upstream_grads(ref, ref_args)
         for grad_layout in dict.fromkeys((torch.contiguous_format, layout)):  # each once
             args = [t.clone().requires_grad_() for t in (image, flow)]
             with num_threads(threads):
                 out = warp(*args, padding_mode=padding, backend=backend)
-                grads = _grads(out, args, layout=grad_layout)
+                grads = upstream_grads(out, args, layout=grad_layout)
             assert grads[0].stride() == image.stride()
-            _check(out, ref, device, dtype)
+            assert_matches(out, ref, device, dtype)
             for g, r in zip(grads, ref_grads, strict=True):
-                _check(g, r, device, dtype)
+                assert_matches(g, r, device, dtype)
