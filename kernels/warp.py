@@ -169,7 +169,7 @@ def _forward_kernel(img, pos, out, C, D, H, W, OD, OH, OW,
                     ps_b, ps_c, ps_d, ps_h, ps_w,
                     SOURCE: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
                     NEAREST: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # b * is_b passes 2^31 before is_b does
     d, h, w, mask = _decode(tl.program_id(0), BLOCK, OD, OH, OW)
     xd, xh, xw = _positions(pos, b, d, h, w, mask, ps_b, ps_c, ps_d, ps_h, ps_w, D, H, W,
                             SOURCE, ALIGN)
@@ -190,7 +190,7 @@ def _backward_kernel(img, pos, gout, gimg, gpos, scale_ptr, C, D, H, W, OD, OH, 
                      NEAREST: tl.constexpr, IMAGE_GRAD: tl.constexpr, POS_GRAD: tl.constexpr,
                      FIXED_POINT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # b * is_b passes 2^31 before is_b does
     d, h, w, mask = _decode(pid, BLOCK, OD, OH, OW)
     xd, xh, xw = _positions(pos, b, d, h, w, mask, ps_b, ps_c, ps_d, ps_h, ps_w, D, H, W,
                             SOURCE, ALIGN)

@@ -167,3 +167,29 @@ def test_auto_announces_the_torch_fallback(monkeypatch):
         assert T.resolve_backend("auto", x) == "torch"
     with pytest.raises(RuntimeError, match="backend='cpu' is not available: no _C"):
         T.appearance(x, p, "cpu")
+
+
+def test_triton_launch_grids_within_cuda_limits(monkeypatch):
+    """CUDA grids stop at 65535 programs on axes 1 and 2: a 256x512x512 volume (a CT scan at
+    full resolution) has 65536 blocks of 1024 voxels. The launches are recorded, not run (a
+    meta image; the parameters read only the shape of an untouched CPU one)."""
+    pytest.importorskip("triton")
+    from gvsl_fast.kernels import appearance as K
+
+    grids = []
+
+    class Record:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(K, "_owner_kernel", Record())
+    monkeypatch.setattr(K, "_fused_kernel", Record())
+    shape = (2, 1, 256, 512, 512)
+    p = T.AppearanceTransform().params(torch.empty(shape, dtype=torch.float16),
+                                       torch.Generator().manual_seed(0))
+    p["shuffle"] = torch.tensor([True, True])
+    K.appearance(torch.empty(shape, device="meta"), *T._fused_args(torch.empty(0), p)[1:])
+    assert len(grids) == 2
+    for grid in grids:
+        assert all(n <= 65535 for n in grid[1:]), grid

@@ -451,3 +451,25 @@ def test_many_channels(device, backend, layout, padding):
             assert_matches(out, ref, device, dtype)
             for g, r in zip(grads, ref_grads, strict=True):
                 assert_matches(g, r, device, dtype)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+def test_batch_offset_past_int32(device, backend):
+    """Batch 2 of a (3, 1, 1024^3) half image starts 2^31 elements in: a batch offset computed
+    in int32 wraps to -2^31 and reads the memory 4 GiB before the image (here: 777). The image
+    is a view 2^31 elements into one allocation so that the wrapped read stays inside it;
+    untouched pages of the CPU allocation cost nothing."""
+    B, S = 3, 1024
+    V = S**3
+    try:
+        big = torch.empty(2**31 + B * V, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError):
+        pytest.skip("no room for a 10.7 GB (virtual) allocation")
+    img = big[2**31:].view(B, 1, S, S, S)
+    near = slice(508, 517)  # around the sampled index 511.5 on each axis
+    for b in range(B):
+        img[b, 0, near, near, near] = b + 1
+    big[:V].view(S, S, S)[near, near, near] = 777
+    grid = torch.zeros(B, 1, 1, 1, 3, dtype=torch.float16, device=device)
+    out = grid_sample(img, grid, align_corners=True, backend=backend)
+    assert out.flatten().tolist() == [1.0, 2.0, 3.0]
