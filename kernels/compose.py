@@ -22,9 +22,11 @@ from gvsl_fast.kernels.warp import (
     _axis,
     _decode,
     _theta_moments,
+    _wide,
     affine_maps,
     on_device,
     theta_grad,
+    wide_indices,
 )
 
 BLOCK = 256
@@ -79,50 +81,52 @@ def _scatter(ptr, sd, sh, sw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, w
 @triton.jit
 def _forward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc, isd, ish, isw,
                     out_ptr, osb, osc, osd, osh, osw, C, D, H, W, BORDER: tl.constexpr,
-                    WARP: tl.constexpr, BLOCK: tl.constexpr):
+                    WARP: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
-    d, h, w, mask = _decode(tl.program_id(0), BLOCK, D, H, W)
+    d, h, w, mask = _decode(tl.program_id(0), BLOCK, D, H, W, WIDE)
     pd, ph, pw = _affine_position(map_ptr + b * 12, d, h, w)
-    di, df, dv0, dv1, _ = _axis(pd, D, BORDER, False)
-    hi, hf, hv0, hv1, _ = _axis(ph, H, BORDER, False)
-    wi, wf, wv0, wv1, _ = _axis(pw, W, BORDER, False)
+    di, df, dv0, dv1, _ = _axis(pd, D, BORDER, False, WIDE)
+    hi, hf, hv0, hv1, _ = _axis(ph, H, BORDER, False, WIDE)
+    wi, wf, wv0, wv1, _ = _axis(pw, W, BORDER, False, WIDE)
     fl = fl_ptr + b * fsb
     u0, _, _, _ = _sample(fl, fsd, fsh, fsw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv1,
                           mask, False)
     u1, _, _, _ = _sample(fl + fsc, fsd, fsh, fsw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0,
                           wv1, mask, False)
-    u2, _, _, _ = _sample(fl + 2 * fsc, fsd, fsh, fsw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf,
+    u2, _, _, _ = _sample(fl + fsc + fsc, fsd, fsh, fsw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf,
                           wv0, wv1, mask, False)
     out = out_ptr + b * osb + d * osd + h * osh + w * osw
     ty = out_ptr.dtype.element_ty
     if WARP:
-        qdi, qdf, qdv0, qdv1, _ = _axis(pd + u0, D, BORDER, False)
-        qhi, qhf, qhv0, qhv1, _ = _axis(ph + u1, H, BORDER, False)
-        qwi, qwf, qwv0, qwv1, _ = _axis(pw + u2, W, BORDER, False)
+        qdi, qdf, qdv0, qdv1, _ = _axis(pd + u0, D, BORDER, False, WIDE)
+        qhi, qhf, qhv0, qhv1, _ = _axis(ph + u1, H, BORDER, False, WIDE)
+        qwi, qwf, qwv0, qwv1, _ = _axis(pw + u2, W, BORDER, False, WIDE)
         for c in range(C):
             # names unused before the loop: the compiler treats reassigned names as loop-carried
-            v, _vd, _vh, _vw = _sample(im_ptr + b * isb + c * isc, isd, ish, isw, qdi, qdf, qdv0,
+            chan = _wide(c, WIDE)
+            v, _vd, _vh, _vw = _sample(im_ptr + b * isb + chan * isc, isd, ish, isw, qdi, qdf, qdv0,
                                        qdv1, qhi, qhf, qhv0, qhv1, qwi, qwf, qwv0, qwv1, mask,
                                        False)
-            tl.store(out + c * osc, v.to(ty), mask=mask)
+            tl.store(out + chan * osc, v.to(ty), mask=mask)
     else:
         tl.store(out, (pd + u0 - d.to(tl.float32)).to(ty), mask=mask)
         tl.store(out + osc, (ph + u1 - h.to(tl.float32)).to(ty), mask=mask)
-        tl.store(out + 2 * osc, (pw + u2 - w.to(tl.float32)).to(ty), mask=mask)
+        tl.store(out + osc + osc, (pw + u2 - w.to(tl.float32)).to(ty), mask=mask)
 
 
 @triton.jit
 def _backward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc, isd, ish, isw,
                      g_ptr, gsb, gsc, gsd, gsh, gsw, dimage_ptr, dflow_ptr, part_ptr, C, D, H, W,
                      BORDER: tl.constexpr, WARP: tl.constexpr, NEED_IMAGE: tl.constexpr,
-                     NEED_THETA: tl.constexpr, NEED_FLOW: tl.constexpr, BLOCK: tl.constexpr):
+                     NEED_THETA: tl.constexpr, NEED_FLOW: tl.constexpr, WIDE: tl.constexpr,
+                     BLOCK: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
-    d, h, w, mask = _decode(tl.program_id(0), BLOCK, D, H, W)
+    d, h, w, mask = _decode(tl.program_id(0), BLOCK, D, H, W, WIDE)
     N = D * H * W
     pd, ph, pw = _affine_position(map_ptr + b * 12, d, h, w)
-    di, df, dv0, dv1, dc_d = _axis(pd, D, BORDER, False)
-    hi, hf, hv0, hv1, dc_h = _axis(ph, H, BORDER, False)
-    wi, wf, wv0, wv1, dc_w = _axis(pw, W, BORDER, False)
+    di, df, dv0, dv1, dc_d = _axis(pd, D, BORDER, False, WIDE)
+    hi, hf, hv0, hv1, dc_h = _axis(ph, H, BORDER, False, WIDE)
+    wi, wf, wv0, wv1, dc_w = _axis(pw, W, BORDER, False, WIDE)
     fl = fl_ptr + b * fsb
     go = g_ptr + b * gsb + d * gsd + h * gsh + w * gsw
     if WARP:
@@ -130,17 +134,18 @@ def _backward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc,
                               wv1, mask, False)
         u1, _, _, _ = _sample(fl + fsc, fsd, fsh, fsw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf,
                               wv0, wv1, mask, False)
-        u2, _, _, _ = _sample(fl + 2 * fsc, fsd, fsh, fsw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi,
+        u2, _, _, _ = _sample(fl + fsc + fsc, fsd, fsh, fsw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi,
                               wf, wv0, wv1, mask, False)
-        qdi, qdf, qdv0, qdv1, qdc_d = _axis(pd + u0, D, BORDER, False)
-        qhi, qhf, qhv0, qhv1, qdc_h = _axis(ph + u1, H, BORDER, False)
-        qwi, qwf, qwv0, qwv1, qdc_w = _axis(pw + u2, W, BORDER, False)
+        qdi, qdf, qdv0, qdv1, qdc_d = _axis(pd + u0, D, BORDER, False, WIDE)
+        qhi, qhf, qhv0, qhv1, qdc_h = _axis(ph + u1, H, BORDER, False, WIDE)
+        qwi, qwf, qwv0, qwv1, qdc_w = _axis(pw + u2, W, BORDER, False, WIDE)
         gqd = tl.zeros_like(pd)
         gqh = tl.zeros_like(pd)
         gqw = tl.zeros_like(pd)
         for c in range(C):
-            gc = tl.load(go + c * gsc, mask=mask, other=0.0).to(tl.float32)
-            img = im_ptr + b * isb + c * isc
+            chan = _wide(c, WIDE)
+            gc = tl.load(go + chan * gsc, mask=mask, other=0.0).to(tl.float32)
+            img = im_ptr + b * isb + chan * isc
             if NEED_THETA or NEED_FLOW:
                 _jv, jd, jh, jw = _sample(img, isd, ish, isw, qdi, qdf, qdv0, qdv1, qhi, qhf,
                                           qhv0, qhv1, qwi, qwf, qwv0, qwv1, mask, True)
@@ -148,25 +153,26 @@ def _backward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc,
                 gqh += gc * jh * qdc_h
                 gqw += gc * jw * qdc_w
             if NEED_IMAGE:
-                _scatter(dimage_ptr + (b * C + c) * N, H * W, W, 1, qdi, qdf, qdv0, qdv1, qhi,
+                _scatter(dimage_ptr + (b * C + chan) * N, H * W, W, 1, qdi, qdf, qdv0, qdv1, qhi,
                          qhf, qhv0, qhv1, qwi, qwf, qwv0, qwv1, gc, mask)
     else:
         gqd = tl.load(go, mask=mask, other=0.0).to(tl.float32)
         gqh = tl.load(go + gsc, mask=mask, other=0.0).to(tl.float32)
-        gqw = tl.load(go + 2 * gsc, mask=mask, other=0.0).to(tl.float32)
+        gqw = tl.load(go + gsc + gsc, mask=mask, other=0.0).to(tl.float32)
     if NEED_FLOW:
         df_b = dflow_ptr + b * 3 * N
         _scatter(df_b, H * W, W, 1, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv1, gqd, mask)
         _scatter(df_b + N, H * W, W, 1, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv1, gqh,
                  mask)
-        _scatter(df_b + 2 * N, H * W, W, 1, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv1,
+        _scatter(df_b + N + N, H * W, W, 1, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv1,
                  gqw, mask)
     if NEED_THETA:
         # dL/dp_hat = g + J^T g, J the Jacobian of flow at p_hat
         gpd, gph, gpw = gqd, gqh, gqw
         for k in tl.static_range(3):
             gk = gqd if k == 0 else (gqh if k == 1 else gqw)
-            _, jd, jh, jw = _sample(fl + k * fsc, fsd, fsh, fsw, di, df, dv0, dv1, hi, hf, hv0,
+            flk = fl if k == 0 else (fl + fsc if k == 1 else fl + fsc + fsc)
+            _, jd, jh, jw = _sample(flk, fsd, fsh, fsw, di, df, dv0, dv1, hi, hf, hv0,
                                     hv1, wi, wf, wv0, wv1, mask, True)
             gpd += gk * jd * dc_d
             gph += gk * jh * dc_h
@@ -188,17 +194,19 @@ def _launch_args(theta, flow, image, align_corners):
     grid = (triton.cdiv(flow.shape[2] * flow.shape[3] * flow.shape[4], BLOCK), flow.shape[0])
     maps = affine_maps(theta, size, size, align_corners)
     head = (maps, flow, *flow.stride(), img, *img.stride())
-    return grid, head, img.shape[1]
+    # outputs and gradients have the shapes of flow and img
+    return grid, head, img.shape[1], wide_indices(flow, img)
 
 
 def forward(theta: torch.Tensor, flow: torch.Tensor, image: torch.Tensor | None,
             align_corners: bool, padding: int) -> torch.Tensor:
     """psi (image None) or image(q), in the input dtype."""
-    grid, head, channels = _launch_args(theta, flow, image, align_corners)
+    grid, head, channels, wide = _launch_args(theta, flow, image, align_corners)
     out = torch.empty_like(flow if image is None else image)
     with on_device(flow):
         _forward_kernel[grid](*head, out, *out.stride(), channels, *flow.shape[2:],
-                              BORDER=padding == 1, WARP=image is not None, BLOCK=BLOCK)
+                              BORDER=padding == 1, WARP=image is not None,
+                              WIDE=wide, BLOCK=BLOCK)
     return out
 
 
@@ -207,7 +215,7 @@ def backward(grad: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor,
              need: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d image, d theta, d flow) for the needed ones (others empty), in the input dtypes."""
     need_image, need_theta, need_flow = need
-    grid, head, channels = _launch_args(theta, flow, image, align_corners)
+    grid, head, channels, wide = _launch_args(theta, flow, image, align_corners)
     f32 = dict(dtype=torch.float32, device=flow.device)
     dimage = torch.zeros(image.shape if need_image else (1,), **f32)
     dflow = torch.zeros(flow.shape if need_flow else (1,), **f32)
@@ -216,7 +224,7 @@ def backward(grad: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor,
         _backward_kernel[grid](*head, grad, *grad.stride(), dimage, dflow, part, channels,
                                *flow.shape[2:], BORDER=padding == 1, WARP=image is not None,
                                NEED_IMAGE=need_image, NEED_THETA=need_theta,
-                               NEED_FLOW=need_flow, BLOCK=BLOCK)
+                               NEED_FLOW=need_flow, WIDE=wide, BLOCK=BLOCK)
     if need_theta:
         size = tuple(flow.shape[2:])
         dtheta = theta_grad(part.double().sum(1), size, size, align_corners)

@@ -38,7 +38,15 @@ _FIXED_POINT_BITS = 62  # headroom of the int64 accumulator
 
 
 @triton.jit
-def _axis(x, size, BORDER: tl.constexpr, NEAREST: tl.constexpr):
+def _wide(i, WIDE: tl.constexpr):
+    """`i` in int64 when WIDE (one sample of 2^31 elements or more), else as it is."""
+    if WIDE:
+        i = tl.cast(i, tl.int64)  # also a Python int (the interpreter's loop index)
+    return i
+
+
+@triton.jit
+def _axis(x, size, BORDER: tl.constexpr, NEAREST: tl.constexpr, WIDE: tl.constexpr):
     """(i0, f, v0, v1, dcoord) of coordinate x on an axis of `size` voxels (linear_axis)."""
     hi = size - 1.0  # `size` may arrive as a constexpr 1 (Triton specialises ints equal to 1)
     if BORDER:
@@ -62,7 +70,7 @@ def _axis(x, size, BORDER: tl.constexpr, NEAREST: tl.constexpr):
         f = x - fl
         v1 = (i0 + 1 >= 0) & (i0 + 1 < size)
     v0 = (i0 >= 0) & (i0 < size)
-    return i0, f, v0, v1, dc
+    return _wide(i0, WIDE), f, v0, v1, dc
 
 
 @triton.jit
@@ -107,7 +115,7 @@ def _positions(pos_ptr, b, d, h, w, mask, ps_b, ps_c, ps_d, ps_h, ps_w, D, H, W,
         p = pos_ptr + b * ps_b + d * ps_d + h * ps_h + w * ps_w
         a0 = tl.load(p, mask=mask, other=0.0).to(tl.float32)
         a1 = tl.load(p + ps_c, mask=mask, other=0.0).to(tl.float32)
-        a2 = tl.load(p + 2 * ps_c, mask=mask, other=0.0).to(tl.float32)
+        a2 = tl.load(p + ps_c + ps_c, mask=mask, other=0.0).to(tl.float32)
         if SOURCE == 0:
             xd = d.to(tl.float32) + a0
             xh = h.to(tl.float32) + a1
@@ -126,11 +134,11 @@ def _positions(pos_ptr, b, d, h, w, mask, ps_b, ps_c, ps_d, ps_h, ps_w, D, H, W,
 
 @triton.jit
 def _stencil(xd, xh, xw, mask, D, H, W, is_d, is_h, is_w, BORDER: tl.constexpr,
-             NEAREST: tl.constexpr):
+             NEAREST: tl.constexpr, WIDE: tl.constexpr):
     """(BLOCK, 8) corner offsets, validity, weights and weight derivatives along d, h, w."""
-    id0, fd, vd0, vd1, cd = _axis(xd, D, BORDER, NEAREST)
-    ih0, fh, vh0, vh1, ch = _axis(xh, H, BORDER, NEAREST)
-    iw0, fw, vw0, vw1, cw = _axis(xw, W, BORDER, NEAREST)
+    id0, fd, vd0, vd1, cd = _axis(xd, D, BORDER, NEAREST, WIDE)
+    ih0, fh, vh0, vh1, ch = _axis(xh, H, BORDER, NEAREST, WIDE)
+    iw0, fw, vw0, vw1, cw = _axis(xw, W, BORDER, NEAREST, WIDE)
     k = tl.arange(0, 8)
     ci = (k >> 2)[None, :]
     cj = ((k >> 1) & 1)[None, :]
@@ -154,8 +162,8 @@ def _stencil(xd, xh, xw, mask, D, H, W, is_d, is_h, is_w, BORDER: tl.constexpr,
 
 
 @triton.jit
-def _decode(pid, BLOCK: tl.constexpr, OD, OH, OW):
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+def _decode(pid, BLOCK: tl.constexpr, OD, OH, OW, WIDE: tl.constexpr):
+    offs = _wide(pid, WIDE) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < OD * OH * OW
     w = offs % OW
     h = (offs // OW) % OH
@@ -168,18 +176,19 @@ def _forward_kernel(img, pos, out, C, D, H, W, OD, OH, OW,
                     is_b, is_c, is_d, is_h, is_w, os_b, os_c, os_d, os_h, os_w,
                     ps_b, ps_c, ps_d, ps_h, ps_w,
                     SOURCE: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
-                    NEAREST: tl.constexpr, BLOCK: tl.constexpr):
+                    NEAREST: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)  # b * is_b passes 2^31 before is_b does
-    d, h, w, mask = _decode(tl.program_id(0), BLOCK, OD, OH, OW)
+    d, h, w, mask = _decode(tl.program_id(0), BLOCK, OD, OH, OW, WIDE)
     xd, xh, xw = _positions(pos, b, d, h, w, mask, ps_b, ps_c, ps_d, ps_h, ps_w, D, H, W,
                             SOURCE, ALIGN)
     off, ok, wgt, _gd, _gh, _gw = _stencil(xd, xh, xw, mask, D, H, W, is_d, is_h, is_w,
-                                          BORDER, NEAREST)
+                                          BORDER, NEAREST, WIDE)
     src = img + b * is_b + off
     dst = out + b * os_b + d * os_d + h * os_h + w * os_w
     for c in range(C):
-        v = tl.load(src + c * is_c, mask=ok, other=0.0).to(tl.float32)
-        tl.store(dst + c * os_c, tl.sum(wgt * v, axis=1).to(out.dtype.element_ty), mask=mask)
+        chan = _wide(c, WIDE)
+        v = tl.load(src + chan * is_c, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dst + chan * os_c, tl.sum(wgt * v, axis=1).to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -188,14 +197,14 @@ def _backward_kernel(img, pos, gout, gimg, gpos, scale_ptr, C, D, H, W, OD, OH, 
                      ps_b, ps_c, ps_d, ps_h, ps_w,
                      SOURCE: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
                      NEAREST: tl.constexpr, IMAGE_GRAD: tl.constexpr, POS_GRAD: tl.constexpr,
-                     FIXED_POINT: tl.constexpr, BLOCK: tl.constexpr):
+                     FIXED_POINT: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # b * is_b passes 2^31 before is_b does
-    d, h, w, mask = _decode(pid, BLOCK, OD, OH, OW)
+    d, h, w, mask = _decode(pid, BLOCK, OD, OH, OW, WIDE)
     xd, xh, xw = _positions(pos, b, d, h, w, mask, ps_b, ps_c, ps_d, ps_h, ps_w, D, H, W,
                             SOURCE, ALIGN)
     off, ok, wgt, wd, wh, ww = _stencil(xd, xh, xw, mask, D, H, W, is_d, is_h, is_w,
-                                        BORDER, NEAREST)
+                                        BORDER, NEAREST, WIDE)
     src = img + b * is_b + off
     dst = gimg + b * is_b + off
     go_ptr = gout + b * os_b + d * os_d + h * os_h + w * os_w
@@ -205,16 +214,17 @@ def _backward_kernel(img, pos, gout, gimg, gpos, scale_ptr, C, D, H, W, OD, OH, 
     if FIXED_POINT:
         scale = tl.load(scale_ptr)
     for c in range(C):
-        go = tl.load(go_ptr + c * os_c, mask=mask, other=0.0).to(tl.float32)
+        chan = _wide(c, WIDE)
+        go = tl.load(go_ptr + chan * os_c, mask=mask, other=0.0).to(tl.float32)
         if IMAGE_GRAD:
             contrib = wgt * go[:, None]
             if FIXED_POINT:
                 q = tl.floor(contrib * scale + 0.5).to(tl.int64)
-                tl.atomic_add(dst + c * is_c, q, mask=ok)
+                tl.atomic_add(dst + chan * is_c, q, mask=ok)
             else:
-                tl.atomic_add(dst + c * is_c, contrib, mask=ok)
+                tl.atomic_add(dst + chan * is_c, contrib, mask=ok)
         if POS_GRAD:
-            v = tl.load(src + c * is_c, mask=ok, other=0.0).to(tl.float32)
+            v = tl.load(src + chan * is_c, mask=ok, other=0.0).to(tl.float32)
             gd += go * tl.sum(wd * v, axis=1)
             gh += go * tl.sum(wh * v, axis=1)
             gw += go * tl.sum(ww * v, axis=1)
@@ -229,7 +239,7 @@ def _backward_kernel(img, pos, gout, gimg, gpos, scale_ptr, C, D, H, W, OD, OH, 
             if SOURCE == 0:
                 tl.store(p, gd.to(ty), mask=mask)
                 tl.store(p + ps_c, gh.to(ty), mask=mask)
-                tl.store(p + 2 * ps_c, gw.to(ty), mask=mask)
+                tl.store(p + ps_c + ps_c, gw.to(ty), mask=mask)
             else:  # d grid = d index * d index / d normalized coordinate, channels (w, h, d)
                 if ALIGN:
                     sd, sh, sw = 0.5 * (D - 1), 0.5 * (H - 1), 0.5 * (W - 1)
@@ -237,7 +247,7 @@ def _backward_kernel(img, pos, gout, gimg, gpos, scale_ptr, C, D, H, W, OD, OH, 
                     sd, sh, sw = 0.5 * D, 0.5 * H, 0.5 * W
                 tl.store(p, (gw * sw).to(ty), mask=mask)
                 tl.store(p + ps_c, (gh * sh).to(ty), mask=mask)
-                tl.store(p + 2 * ps_c, (gd * sd).to(ty), mask=mask)
+                tl.store(p + ps_c + ps_c, (gd * sd).to(ty), mask=mask)
 
 
 def affine_maps(theta: torch.Tensor, out_size, in_size, align_corners: bool) -> torch.Tensor:
@@ -265,6 +275,16 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     (and its current stream), and the inputs may live on another (cuda:1 while cuda:0 is
     current). Nothing for CPU tensors (TRITON_INTERPRET=1)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def wide_indices(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel over `tensors` needs int64 element offsets (the WIDE constexpr): when one
+    of them holds 2^31 elements or more. One channel must stay under 2^31 voxels, whose count the
+    kernels form in int32."""
+    for t in tensors:
+        if t.shape[2:].numel() >= 2**31:
+            raise ValueError(f"Triton kernels take volumes under 2^31 voxels, got {tuple(t.shape)}")
+    return any(t.numel() >= 2**31 for t in tensors)
 
 
 def _pos_strides(pos: torch.Tensor, source: int) -> tuple[int, ...]:
@@ -298,7 +318,7 @@ def forward(image: torch.Tensor, pos: torch.Tensor, source: int, mode: int, padd
         _forward_kernel[grid](
             image, pos, out, C, D, H, W, OD, OH, OW, *image.stride(), *out.stride(),
             *_pos_strides(pos, source), SOURCE=source, ALIGN=align_corners, BORDER=padding == 1,
-            NEAREST=mode == 1, BLOCK=BLOCK,
+            NEAREST=mode == 1, WIDE=wide_indices(image, pos, out), BLOCK=BLOCK,
         )
     return out
 
@@ -324,7 +344,7 @@ def backward(grad_out: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, sou
             *image.stride(), *grad_out.stride(), *_pos_strides(pos, source),
             SOURCE=source, ALIGN=align_corners, BORDER=padding == 1, NEAREST=mode == 1,
             IMAGE_GRAD=image_grad, POS_GRAD=pos_grad, FIXED_POINT=image_grad and deterministic,
-            BLOCK=BLOCK,
+            WIDE=wide_indices(image, pos, grad_out), BLOCK=BLOCK,
         )
     d_image = None
     if image_grad:

@@ -191,6 +191,28 @@ def test_half_inputs(device, backend, dtype):
     check_close(got, upstream_grads(out_ref, ref_in), 1e-2)
 
 
+@pytest.mark.skipif(not any(b == "triton" for _, b in BACKENDS), reason="Triton does not run here")
+def test_triton_wide_offsets_give_the_same_results(monkeypatch):
+    """The int64-offset kernels (WIDE, taken from 2^31 elements on) on small inputs: the same
+    addresses, hence the same psi, warped image and gradients."""
+    from gvsl_fast.kernels import compose as K
+
+    device = "cuda" if ("cuda", "triton") in BACKENDS else "cpu"
+    theta, flow, image = make_inputs(device, channels=3)
+    runs = []
+    for wide in (False, True):
+        monkeypatch.setattr(K, "wide_indices", lambda *tensors, w=wide: w)
+        run = []
+        for op in ("compose", "affine_flow_warp"):
+            args = [t.clone().requires_grad_() for t in (image, theta, flow)]
+            out = (compose(*args[1:], backend="triton") if op == "compose"
+                   else affine_flow_warp(*args, backend="triton"))
+            run += [out, *upstream_grads(out, args if op != "compose" else args[1:])]
+        runs.append(run)
+    for a, b in zip(*runs, strict=True):  # the GPU's float atomics may add in another order
+        assert torch.equal(a, b) if device == "cpu" else rel_err(a, b) <= 1e-6
+
+
 @pytest.mark.parametrize(("device", "backend"), BACKENDS, ids=IDS)
 def test_channels_last_and_batch_one(device, backend):
     theta, flow, image = make_inputs(device, batch=1, channels=4)

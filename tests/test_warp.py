@@ -23,7 +23,15 @@ from common import (
     upstream_grads,
 )
 
-from gvsl_fast.ops import SpatialTransformer, Warp, _sampler, grid_sample, reference, warp
+from gvsl_fast.ops import (
+    SpatialTransformer,
+    Warp,
+    _sampler,
+    affine_warp,
+    grid_sample,
+    reference,
+    warp,
+)
 
 BACKENDS = fast_backends()
 IDS = backend_ids(BACKENDS)
@@ -454,22 +462,57 @@ def test_many_channels(device, backend, layout, padding):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
-def test_batch_offset_past_int32(device, backend):
-    """Batch 2 of a (3, 1, 1024^3) half image starts 2^31 elements in: a batch offset computed
-    in int32 wraps to -2^31 and reads the memory 4 GiB before the image (here: 777). The image
-    is a view 2^31 elements into one allocation so that the wrapped read stays inside it;
-    untouched pages of the CPU allocation cost nothing."""
-    B, S = 3, 1024
+@pytest.mark.parametrize("along", ("batch", "channel"))
+def test_offsets_past_int32(device, backend, along):
+    """The third of three 1024^3 half volumes, batch element 2 of (3, 1, ...) or channel 2 of
+    (1, 3, ...), starts 2^31 elements in: an offset formed in int32 wraps to -2^31 and reads the
+    memory 4 GiB before the image (here: 777). The image is a view 2^31 elements into one
+    allocation so that the wrapped read stays inside it; untouched pages of the CPU allocation
+    cost nothing."""
+    S = 1024
     V = S**3
     try:
-        big = torch.empty(2**31 + B * V, dtype=torch.float16, device=device)
+        big = torch.empty(2**31 + 3 * V, dtype=torch.float16, device=device)
     except (RuntimeError, MemoryError):
         pytest.skip("no room for a 10.7 GB (virtual) allocation")
-    img = big[2**31:].view(B, 1, S, S, S)
+    img = big[2**31:].view((3, 1, S, S, S) if along == "batch" else (1, 3, S, S, S))
     near = slice(508, 517)  # around the sampled index 511.5 on each axis
-    for b in range(B):
-        img[b, 0, near, near, near] = b + 1
+    for i in range(3):
+        (img[i, 0] if along == "batch" else img[0, i])[near, near, near] = i + 1
     big[:V].view(S, S, S)[near, near, near] = 777
-    grid = torch.zeros(B, 1, 1, 1, 3, dtype=torch.float16, device=device)
+    grid = torch.zeros(img.shape[0], 1, 1, 1, 3, dtype=torch.float16, device=device)
     out = grid_sample(img, grid, align_corners=True, backend=backend)
     assert out.flatten().tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.skipif(not any(b == "triton" for _, b in BACKENDS), reason="Triton does not run here")
+def test_triton_wide_offsets_give_the_same_results(monkeypatch):
+    """The int64-offset kernels (WIDE, taken from 2^31 elements on) on small inputs: the same
+    addresses, hence the same values and gradients for every sampler source."""
+    from gvsl_fast.kernels import warp as K
+
+    device = "cuda" if ("cuda", "triton") in BACKENDS else "cpu"
+    torch.manual_seed(9)
+    image = torch.randn(SHAPE, device=device)
+    flow = _flow(SHAPE, device)
+    grid = torch.rand(SHAPE[0], 5, 6, 4, 3, device=device) * 2.4 - 1.2
+    theta = torch.eye(3, 4, device=device).repeat(SHAPE[0], 1, 1) + 0.2 * torch.randn(
+        SHAPE[0], 3, 4, device=device)
+    calls = {
+        "warp": lambda im, p: warp(im, p, backend="triton"),
+        "grid_sample": lambda im, p: grid_sample(im, p, align_corners=False, backend="triton"),
+        "affine_warp": lambda im, p: affine_warp(im, p, backend="triton"),
+    }
+    positions = {"warp": flow, "grid_sample": grid, "affine_warp": theta}
+    runs = []
+    for wide in (False, True):
+        monkeypatch.setattr(K, "wide_indices", lambda *tensors, w=wide: w)
+        run = {}
+        for name, call in calls.items():
+            args = [image.clone().requires_grad_(), positions[name].clone().requires_grad_()]
+            out = call(*args)
+            run[name] = (out, *upstream_grads(out, args))
+        runs.append(run)
+    for name in calls:  # the GPU's float atomics may add the image gradient in another order
+        for a, b in zip(runs[0][name], runs[1][name], strict=True):
+            assert torch.equal(a, b) if device == "cpu" else rel_err(a, b) <= 1e-6, name
