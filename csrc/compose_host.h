@@ -22,7 +22,8 @@ inline void check_compose_inputs(const at::Tensor& theta, const at::Tensor& flow
                   theta.size(2) == 4 && theta.is_contiguous(),
               "compose: theta must be a contiguous (B, 3, 4) tensor");
   for (const auto* t : {&theta, &flow, &image}) {
-    TORCH_CHECK(t->device().type() == device, "compose: tensors on the wrong device");
+    TORCH_CHECK(t->device().type() == device && t->device() == flow.device(),
+                "compose: tensors on the wrong device (all must be on flow's device)");
     TORCH_CHECK(t->scalar_type() == flow.scalar_type(), "compose: tensors of different dtypes");
   }
 }

@@ -30,9 +30,9 @@ __device__ __forceinline__ Voxel voxel_of(int64_t i, const int* size) {
 }
 
 template <bool kWarp, typename S>
-__global__ void compose_forward_kernel(ComposeArgs<S> a, S* out, Strides5 os) {
+__global__ void compose_forward_kernel(ComposeArgs<S> a, S* out, Strides5 os, int b0) {
   using T = acc_t<S>;
-  const int b = blockIdx.y;
+  const int b = b0 + int(blockIdx.y);
   const Voxel v = voxel_of(int64_t(blockIdx.x) * blockDim.x + threadIdx.x, a.size);
   if (!v.valid) return;
   const AffineIndexMap<T> A = compose_map<T>(a, b);
@@ -44,9 +44,9 @@ __global__ void compose_forward_kernel(ComposeArgs<S> a, S* out, Strides5 os) {
 template <bool kWarp, typename S>
 __global__ void compose_backward_kernel(ComposeArgs<S> a, const S* grad, Strides5 gs,
                                         ComposeNeeds need, float* dimage, float* dflow,
-                                        acc_t<S>* moments) {
+                                        acc_t<S>* moments, int b0) {
   using T = acc_t<S>;
-  const int b = blockIdx.y;
+  const int b = b0 + int(blockIdx.y);
   const int64_t N = int64_t(a.size[0]) * a.size[1] * a.size[2];
   const Voxel v = voxel_of(int64_t(blockIdx.x) * blockDim.x + threadIdx.x, a.size);
   T m[kMoments] = {};
@@ -61,7 +61,7 @@ __global__ void compose_backward_kernel(ComposeArgs<S> a, const S* grad, Strides
         gp);
     if (need.theta) theta_moments(gp, v.d, v.h, v.w, a.size, m);
   }
-  if (need.theta) store_block_moments(m, moments);
+  if (need.theta) store_block_moments(m, moments + int64_t(b0) * gridDim.x * kMoments);
 }
 
 dim3 grid_of(const at::Tensor& flow) {
@@ -79,10 +79,14 @@ at::Tensor forward_cuda(const at::Tensor& theta, const at::Tensor& flow, const a
   const int64_t channels = kWarp ? image.size(1) : 3;
   GVSL_DISPATCH_FAST(flow.scalar_type(), "compose", [&] {
     const auto a = make_args<scalar_t>(theta, flow, image, channels, align_corners, padding);
-    compose_forward_kernel<kWarp, scalar_t><<<grid_of(flow), kThreads, 0,
-                                              at::cuda::getCurrentCUDAStream()>>>(
-        a, out.data_ptr<scalar_t>(), strides5(out));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const dim3 grid = grid_of(flow);
+    for (unsigned b0 = 0; b0 < grid.y; b0 += kMaxGridY) {
+      compose_forward_kernel<kWarp, scalar_t>
+          <<<dim3(grid.x, std::min(kMaxGridY, grid.y - b0)), kThreads, 0,
+             at::cuda::getCurrentCUDAStream()>>>(a, out.data_ptr<scalar_t>(), strides5(out),
+                                                 int(b0));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return out;
 }
@@ -105,13 +109,16 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
   const int64_t channels = kWarp ? image.size(1) : 3;
   GVSL_DISPATCH_FAST(flow.scalar_type(), "compose", [&] {
     const auto a = make_args<scalar_t>(theta, flow, image, channels, align_corners, padding);
-    compose_backward_kernel<kWarp, scalar_t>
-        <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            a, grad.data_ptr<scalar_t>(), strides5(grad), need,
-            need.image ? dimage.data_ptr<float>() : nullptr,
-            need.flow ? dflow.data_ptr<float>() : nullptr,
-            need.theta ? moments.data_ptr<float>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (unsigned b0 = 0; b0 < grid.y; b0 += kMaxGridY) {
+      compose_backward_kernel<kWarp, scalar_t>
+          <<<dim3(grid.x, std::min(kMaxGridY, grid.y - b0)), kThreads, 0,
+             at::cuda::getCurrentCUDAStream()>>>(
+              a, grad.data_ptr<scalar_t>(), strides5(grad), need,
+              need.image ? dimage.data_ptr<float>() : nullptr,
+              need.flow ? dflow.data_ptr<float>() : nullptr,
+              need.theta ? moments.data_ptr<float>() : nullptr, int(b0));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     if (need.theta)
       dtheta = theta_grad_cuda<scalar_t>(moments, sizes_of(flow), align_corners, theta);
   });

@@ -266,13 +266,15 @@ template <int K, int M> constexpr int min_blocks() { return K <= 5 || (M <= 4 &&
 
 template <int K, class Load, class Consume>
 __global__ void __launch_bounds__(THREADS, (min_blocks<K, Load::M>()))
-    box_stream_kernel(Shape s, int chunks, int chunk, Load load, Consume consume, float* partial) {
+    box_stream_kernel(Shape s, int chunks, int chunk, Load load, Consume consume, float* partial,
+                      int z0) {
   constexpr int M = Load::M, R = K / 2;
   using TileT = Tile<K, M>;
   __shared__ TileT tile;
   __shared__ float red[THREADS / 32];
   const int w0 = blockIdx.x * TW, h0 = blockIdx.y * TH;
-  const int bc = blockIdx.z / chunks, c = blockIdx.z % chunks;
+  const int zb = z0 + int(blockIdx.z);  // (volume, depth chunk) of this block
+  const int bc = zb / chunks, c = zb % chunks;
   const int d0 = c * chunk, d1 = min(s.D, d0 + chunk);
   const int h = h0 + threadIdx.y, w = w0 + threadIdx.x;
   const bool inside = h < s.H && w < s.W;
@@ -322,7 +324,7 @@ __global__ void __launch_bounds__(THREADS, (min_blocks<K, Load::M>()))
     sum = tid < THREADS / 32 ? red[tid] : 0.f;
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
     if (tid == 0) {
-      partial[(int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = sum;
+      partial[(int64_t(zb) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = sum;
     }
   }
 }
@@ -341,7 +343,9 @@ Launch plan(int64_t BC, int64_t D, int64_t H, int64_t W, int k) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(want, D / (2 * k)));
   const int64_t chunk = (D + chunks - 1) / chunks;
   const int64_t used = (D + chunk - 1) / chunk;
-  TORCH_CHECK(BC * used < 65536, "lncc: too many volumes for one launch");
+  // grid.z counts every (volume, chunk) block row; launch() splits it into slices of at most
+  // 65535 (the gridDim.z limit)
+  TORCH_CHECK(BC * used <= INT32_MAX, "lncc: too many volumes for one launch");
   return {dim3((W + TW - 1) / TW, (H + TH - 1) / TH, BC * used), int(used), int(chunk)};
 }
 
@@ -349,26 +353,31 @@ template <class Load, class Consume>
 void launch(int k, const Shape& s, const Launch& l, const Load& load, const Consume& consume,
             float* partial) {
   auto stream = at::cuda::getCurrentCUDAStream();
-  switch (k) {
-#define GVSL_LNCC_CASE(K)                                                                 \
-  case K:                                                                                 \
-    box_stream_kernel<K><<<l.grid, dim3(TW, TH), 0, stream>>>(s, l.chunks, l.chunk, load, \
-                                                              consume, partial);          \
+  // gridDim.z is at most 65535: the (volume, chunk) rows of blocks go in slices of that many
+  constexpr unsigned kMaxGridZ = 65535;
+  for (unsigned z0 = 0; z0 < l.grid.z; z0 += kMaxGridZ) {
+    const dim3 grid(l.grid.x, l.grid.y, std::min(kMaxGridZ, l.grid.z - z0));
+    switch (k) {
+#define GVSL_LNCC_CASE(K)                                                               \
+  case K:                                                                               \
+    box_stream_kernel<K><<<grid, dim3(TW, TH), 0, stream>>>(s, l.chunks, l.chunk, load, \
+                                                            consume, partial, int(z0)); \
     break;
-    GVSL_LNCC_CASE(1)
-    GVSL_LNCC_CASE(3)
-    GVSL_LNCC_CASE(5)
-    GVSL_LNCC_CASE(7)
-    GVSL_LNCC_CASE(9)
-    GVSL_LNCC_CASE(11)
-    GVSL_LNCC_CASE(13)
-    GVSL_LNCC_CASE(15)
+      GVSL_LNCC_CASE(1)
+      GVSL_LNCC_CASE(3)
+      GVSL_LNCC_CASE(5)
+      GVSL_LNCC_CASE(7)
+      GVSL_LNCC_CASE(9)
+      GVSL_LNCC_CASE(11)
+      GVSL_LNCC_CASE(13)
+      GVSL_LNCC_CASE(15)
 #undef GVSL_LNCC_CASE
-    default:
-      TORCH_CHECK(false, "lncc: the CUDA kernels support odd windows up to ", MAX_WINDOW,
-                  ", got ", k);
+      default:
+        TORCH_CHECK(false, "lncc: the CUDA kernels support odd windows up to ", MAX_WINDOW,
+                    ", got ", k);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 struct Problem {

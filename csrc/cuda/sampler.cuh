@@ -16,6 +16,9 @@
 namespace gvsl::cuda {
 
 constexpr int kThreads = 256;
+// gridDim.y (and .z) is at most 65535: a launch over more batch elements goes in slices of at
+// most this many, each kernel told the first batch element of its slice.
+constexpr unsigned kMaxGridY = 65535;
 
 // float, half and bfloat16 (float64 stays on the CPU backend).
 #define GVSL_DISPATCH_FAST(TYPE, NAME, ...)                 \
@@ -39,12 +42,12 @@ __device__ __forceinline__ void decode(const Geometry& g, int64_t v, int& d, int
 template <typename S, typename Src>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const S* __restrict__ img, S* __restrict__ out, Geometry g, Src src, int mode,
-                   int padding) {
+                   int padding, int b0) {
   const int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (v >= g.voxels()) return;
   int d, h, w;
   decode(g, v, d, h, w);
-  sample_forward_voxel(img, out, g, src, mode, padding, int(blockIdx.y), d, h, w);
+  sample_forward_voxel(img, out, g, src, mode, padding, b0 + int(blockIdx.y), d, h, w);
 }
 
 __device__ __forceinline__ long long to_fixed(float x) { return __float2ll_rn(x); }
@@ -116,11 +119,11 @@ template <bool kImage, bool kPos, bool kFixed, typename S, typename Src>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const S* __restrict__ img, const S* __restrict__ gout, void* gimg,
                     const float* __restrict__ scale_ptr, acc_t<S>* moments, Geometry g, Src src,
-                    int mode, int padding) {
+                    int mode, int padding, int b0) {
   using T = acc_t<S>;
   const int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = v < g.voxels();
-  const int b = blockIdx.y;
+  const int b = b0 + int(blockIdx.y);
   int d = 0, h = 0, w = 0;
   T gp[3] = {T(0), T(0), T(0)};
   if (active) {
@@ -142,7 +145,7 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (Src::kind == kAffine) {
       T m[kMoments] = {};
       if (active) theta_moments(gp, d, h, w, g.out_size, m);
-      store_block_moments(m, moments);
+      store_block_moments(m, moments + int64_t(b0) * gridDim.x * kMoments);
     } else {
       if (active) src.store_grad(b, d, h, w, gp);
     }
@@ -154,9 +157,13 @@ void launch_forward(const at::Tensor& image, at::Tensor& out, const Src& src, in
                     int padding) {
   const Geometry g = geometry(image, out);
   if (g.voxels() == 0) return;
-  forward_kernel<S><<<blocks(g, image.size(0)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      image.const_data_ptr<S>(), out.data_ptr<S>(), g, src, mode, padding);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 grid = blocks(g, image.size(0));
+  for (unsigned b0 = 0; b0 < grid.y; b0 += kMaxGridY) {
+    const dim3 part(grid.x, std::min(kMaxGridY, grid.y - b0));
+    forward_kernel<S><<<part, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        image.const_data_ptr<S>(), out.data_ptr<S>(), g, src, mode, padding, int(b0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // Returns d image (undefined if not asked); for theta, `moments` receives (B, blocks, 12).
@@ -183,7 +190,10 @@ at::Tensor launch_backward(const at::Tensor& grad_out, const at::Tensor& image, 
   }
   if (pos_grad && Src::kind == kAffine)
     moments = at::empty({image.size(0), int64_t(grid.x), kMoments}, image.options().dtype(acc_type));
-  if (g.voxels() == 0 || (!image_grad && !pos_grad)) return gimg;
+  // nothing to launch: the (zero) image gradient still goes back in the image's dtype, not as
+  // the accumulation or fixed-point buffer
+  if (g.voxels() == 0 || (!image_grad && !pos_grad))
+    return image_grad ? gimg.to(image.scalar_type()) : gimg;
   void* gptr = image_grad ? gimg.data_ptr() : nullptr;
   const float* sptr = fixed ? scale.const_data_ptr<float>() : nullptr;
   T* mptr = moments.defined() ? moments.data_ptr<T>() : nullptr;
@@ -191,17 +201,20 @@ at::Tensor launch_backward(const at::Tensor& grad_out, const at::Tensor& image, 
   const S* ip = image.const_data_ptr<S>();
   const S* gp = grad_out.const_data_ptr<S>();
 #define GVSL_LAUNCH(I, P, F)                                                                  \
-  backward_kernel<I, P, F, S><<<grid, kThreads, 0, stream>>>(ip, gp, gptr, sptr, mptr, g, src, \
-                                                             mode, padding)
-  if (image_grad && pos_grad) {
-    if (fixed) GVSL_LAUNCH(true, true, true); else GVSL_LAUNCH(true, true, false);
-  } else if (image_grad) {
-    if (fixed) GVSL_LAUNCH(true, false, true); else GVSL_LAUNCH(true, false, false);
-  } else {
-    GVSL_LAUNCH(false, true, false);
+  backward_kernel<I, P, F, S><<<part, kThreads, 0, stream>>>(ip, gp, gptr, sptr, mptr, g, src, \
+                                                             mode, padding, int(b0))
+  for (unsigned b0 = 0; b0 < grid.y; b0 += kMaxGridY) {
+    const dim3 part(grid.x, std::min(kMaxGridY, grid.y - b0));
+    if (image_grad && pos_grad) {
+      if (fixed) GVSL_LAUNCH(true, true, true); else GVSL_LAUNCH(true, true, false);
+    } else if (image_grad) {
+      if (fixed) GVSL_LAUNCH(true, false, true); else GVSL_LAUNCH(true, false, false);
+    } else {
+      GVSL_LAUNCH(false, true, false);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 #undef GVSL_LAUNCH
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!image_grad) return gimg;
   if (fixed) return (gimg.to(at::kDouble) / scale.to(at::kDouble)).to(image.scalar_type());
   return gimg.to(image.scalar_type());
