@@ -24,6 +24,7 @@ from gvsl_fast.kernels.warp import (
     _theta_moments,
     _wide,
     affine_maps,
+    batch_launches,
     on_device,
     theta_grad,
     wide_indices,
@@ -80,9 +81,9 @@ def _scatter(ptr, sd, sh, sw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, w
 
 @triton.jit
 def _forward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc, isd, ish, isw,
-                    out_ptr, osb, osc, osd, osh, osw, C, D, H, W, BORDER: tl.constexpr,
+                    out_ptr, osb, osc, osd, osh, osw, C, D, H, W, b0, BORDER: tl.constexpr,
                     WARP: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64) + b0
     d, h, w, mask = _decode(tl.program_id(0), BLOCK, D, H, W, WIDE)
     pd, ph, pw = _affine_position(map_ptr + b * 12, d, h, w)
     di, df, dv0, dv1, _ = _axis(pd, D, BORDER, False, WIDE)
@@ -117,10 +118,10 @@ def _forward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc, 
 @triton.jit
 def _backward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc, isd, ish, isw,
                      g_ptr, gsb, gsc, gsd, gsh, gsw, dimage_ptr, dflow_ptr, part_ptr, C, D, H, W,
-                     BORDER: tl.constexpr, WARP: tl.constexpr, NEED_IMAGE: tl.constexpr,
+                     b0, BORDER: tl.constexpr, WARP: tl.constexpr, NEED_IMAGE: tl.constexpr,
                      NEED_THETA: tl.constexpr, NEED_FLOW: tl.constexpr, WIDE: tl.constexpr,
                      BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64) + b0
     d, h, w, mask = _decode(tl.program_id(0), BLOCK, D, H, W, WIDE)
     N = D * H * W
     pd, ph, pw = _affine_position(map_ptr + b * 12, d, h, w)
@@ -191,22 +192,23 @@ def _backward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc,
 def _launch_args(theta, flow, image, align_corners):
     size = tuple(flow.shape[2:])
     img = flow if image is None else image
-    grid = (triton.cdiv(flow.shape[2] * flow.shape[3] * flow.shape[4], BLOCK), flow.shape[0])
+    n_prog = triton.cdiv(flow.shape[2] * flow.shape[3] * flow.shape[4], BLOCK)
     maps = affine_maps(theta, size, size, align_corners)
     head = (maps, flow, *flow.stride(), img, *img.stride())
     # outputs and gradients have the shapes of flow and img
-    return grid, head, img.shape[1], wide_indices(flow, img)
+    return n_prog, head, img.shape[1], wide_indices(flow, img)
 
 
 def forward(theta: torch.Tensor, flow: torch.Tensor, image: torch.Tensor | None,
             align_corners: bool, padding: int) -> torch.Tensor:
     """psi (image None) or image(q), in the input dtype."""
-    grid, head, channels, wide = _launch_args(theta, flow, image, align_corners)
+    n_prog, head, channels, wide = _launch_args(theta, flow, image, align_corners)
     out = torch.empty_like(flow if image is None else image)
     with on_device(flow):
-        _forward_kernel[grid](*head, out, *out.stride(), channels, *flow.shape[2:],
-                              BORDER=padding == 1, WARP=image is not None,
-                              WIDE=wide, BLOCK=BLOCK)
+        for b0, nb in batch_launches(flow.shape[0]):
+            _forward_kernel[(n_prog, nb)](*head, out, *out.stride(), channels, *flow.shape[2:],
+                                          b0, BORDER=padding == 1, WARP=image is not None,
+                                          WIDE=wide, BLOCK=BLOCK)
     return out
 
 
@@ -215,16 +217,18 @@ def backward(grad: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor,
              need: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d image, d theta, d flow) for the needed ones (others empty), in the input dtypes."""
     need_image, need_theta, need_flow = need
-    grid, head, channels, wide = _launch_args(theta, flow, image, align_corners)
+    n_prog, head, channels, wide = _launch_args(theta, flow, image, align_corners)
     f32 = dict(dtype=torch.float32, device=flow.device)
     dimage = torch.zeros(image.shape if need_image else (1,), **f32)
     dflow = torch.zeros(flow.shape if need_flow else (1,), **f32)
-    part = torch.zeros((flow.shape[0], grid[0], 12) if need_theta else (1,), **f32)
+    part = torch.zeros((flow.shape[0], n_prog, 12) if need_theta else (1,), **f32)
     with on_device(flow):
-        _backward_kernel[grid](*head, grad, *grad.stride(), dimage, dflow, part, channels,
-                               *flow.shape[2:], BORDER=padding == 1, WARP=image is not None,
-                               NEED_IMAGE=need_image, NEED_THETA=need_theta,
-                               NEED_FLOW=need_flow, WIDE=wide, BLOCK=BLOCK)
+        for b0, nb in batch_launches(flow.shape[0]):
+            _backward_kernel[(n_prog, nb)](*head, grad, *grad.stride(), dimage, dflow, part,
+                                           channels, *flow.shape[2:], b0, BORDER=padding == 1,
+                                           WARP=image is not None, NEED_IMAGE=need_image,
+                                           NEED_THETA=need_theta, NEED_FLOW=need_flow,
+                                           WIDE=wide, BLOCK=BLOCK)
     if need_theta:
         size = tuple(flow.shape[2:])
         dtheta = theta_grad(part.double().sum(1), size, size, align_corners)

@@ -35,6 +35,7 @@ N_MOMENTS = 12
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 64 if _INTERPRET else 128
 _FIXED_POINT_BITS = 62  # headroom of the int64 accumulator
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2: batch elements per launch
 
 
 @triton.jit
@@ -174,10 +175,10 @@ def _decode(pid, BLOCK: tl.constexpr, OD, OH, OW, WIDE: tl.constexpr):
 @triton.jit
 def _forward_kernel(img, pos, out, C, D, H, W, OD, OH, OW,
                     is_b, is_c, is_d, is_h, is_w, os_b, os_c, os_d, os_h, os_w,
-                    ps_b, ps_c, ps_d, ps_h, ps_w,
+                    ps_b, ps_c, ps_d, ps_h, ps_w, b0,
                     SOURCE: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
                     NEAREST: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)  # b * is_b passes 2^31 before is_b does
+    b = tl.program_id(1).to(tl.int64) + b0  # int64: b * is_b passes 2^31 before is_b does
     d, h, w, mask = _decode(tl.program_id(0), BLOCK, OD, OH, OW, WIDE)
     xd, xh, xw = _positions(pos, b, d, h, w, mask, ps_b, ps_c, ps_d, ps_h, ps_w, D, H, W,
                             SOURCE, ALIGN)
@@ -194,12 +195,12 @@ def _forward_kernel(img, pos, out, C, D, H, W, OD, OH, OW,
 @triton.jit
 def _backward_kernel(img, pos, gout, gimg, gpos, scale_ptr, C, D, H, W, OD, OH, OW,
                      is_b, is_c, is_d, is_h, is_w, os_b, os_c, os_d, os_h, os_w,
-                     ps_b, ps_c, ps_d, ps_h, ps_w,
+                     ps_b, ps_c, ps_d, ps_h, ps_w, b0,
                      SOURCE: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
                      NEAREST: tl.constexpr, IMAGE_GRAD: tl.constexpr, POS_GRAD: tl.constexpr,
                      FIXED_POINT: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)  # b * is_b passes 2^31 before is_b does
+    b = tl.program_id(1).to(tl.int64) + b0  # int64: b * is_b passes 2^31 before is_b does
     d, h, w, mask = _decode(pid, BLOCK, OD, OH, OW, WIDE)
     xd, xh, xw = _positions(pos, b, d, h, w, mask, ps_b, ps_c, ps_d, ps_h, ps_w, D, H, W,
                             SOURCE, ALIGN)
@@ -287,6 +288,13 @@ def wide_indices(*tensors: torch.Tensor) -> bool:
     return any(t.numel() >= 2**31 for t in tensors)
 
 
+def batch_launches(batch: int):
+    """(first batch element, count) of each launch: the batch goes on grid axis 1, which stops
+    at MAX_GRID_Y programs."""
+    for b0 in range(0, batch, MAX_GRID_Y):
+        yield b0, min(MAX_GRID_Y, batch - b0)
+
+
 def _pos_strides(pos: torch.Tensor, source: int) -> tuple[int, ...]:
     """(b, c, d, h, w) element strides of the position tensor (unused for affine maps)."""
     if source == FLOW:
@@ -313,13 +321,14 @@ def forward(image: torch.Tensor, pos: torch.Tensor, source: int, mode: int, padd
     out = new_output(image, out_spatial)
     B, C, D, H, W = image.shape
     OD, OH, OW = out_spatial
-    grid = (triton.cdiv(OD * OH * OW, BLOCK), B)
+    wide = wide_indices(image, pos, out)
     with on_device(image):
-        _forward_kernel[grid](
-            image, pos, out, C, D, H, W, OD, OH, OW, *image.stride(), *out.stride(),
-            *_pos_strides(pos, source), SOURCE=source, ALIGN=align_corners, BORDER=padding == 1,
-            NEAREST=mode == 1, WIDE=wide_indices(image, pos, out), BLOCK=BLOCK,
-        )
+        for b0, nb in batch_launches(B):
+            _forward_kernel[(triton.cdiv(OD * OH * OW, BLOCK), nb)](
+                image, pos, out, C, D, H, W, OD, OH, OW, *image.stride(), *out.stride(),
+                *_pos_strides(pos, source), b0, SOURCE=source, ALIGN=align_corners,
+                BORDER=padding == 1, NEAREST=mode == 1, WIDE=wide, BLOCK=BLOCK,
+            )
     return out
 
 
@@ -338,14 +347,16 @@ def backward(grad_out: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, sou
         gpos = torch.empty_like(pos) if pos_grad else pos.new_empty(1)
     scale = (_fixed_point_scale(grad_out, OD * OH * OW) if image_grad and deterministic
              else torch.ones(1, device=image.device))
+    wide = wide_indices(image, pos, grad_out)
     with on_device(image):
-        _backward_kernel[(n_prog, B)](
-            image, pos, grad_out, gimg, gpos, scale, C, D, H, W, OD, OH, OW,
-            *image.stride(), *grad_out.stride(), *_pos_strides(pos, source),
-            SOURCE=source, ALIGN=align_corners, BORDER=padding == 1, NEAREST=mode == 1,
-            IMAGE_GRAD=image_grad, POS_GRAD=pos_grad, FIXED_POINT=image_grad and deterministic,
-            WIDE=wide_indices(image, pos, grad_out), BLOCK=BLOCK,
-        )
+        for b0, nb in batch_launches(B):
+            _backward_kernel[(n_prog, nb)](
+                image, pos, grad_out, gimg, gpos, scale, C, D, H, W, OD, OH, OW,
+                *image.stride(), *grad_out.stride(), *_pos_strides(pos, source), b0,
+                SOURCE=source, ALIGN=align_corners, BORDER=padding == 1, NEAREST=mode == 1,
+                IMAGE_GRAD=image_grad, POS_GRAD=pos_grad,
+                FIXED_POINT=image_grad and deterministic, WIDE=wide, BLOCK=BLOCK,
+            )
     d_image = None
     if image_grad:
         d_image = (gimg.double() / scale.double()) if deterministic else gimg

@@ -192,16 +192,22 @@ def test_half_inputs(device, backend, dtype):
 
 
 @pytest.mark.skipif(not any(b == "triton" for _, b in BACKENDS), reason="Triton does not run here")
-def test_triton_wide_offsets_give_the_same_results(monkeypatch):
-    """The int64-offset kernels (WIDE, taken from 2^31 elements on) on small inputs: the same
+@pytest.mark.parametrize("variant", ("wide", "batch_split"))
+def test_triton_launch_variants_give_the_same_results(monkeypatch, variant):
+    """Int64 offsets (WIDE, taken from 2^31 elements on) and one launch per batch element (the
+    split that keeps grid axis 1 within CUDA's 65535), forced on small inputs: the same
     addresses, hence the same psi, warped image and gradients."""
     from gvsl_fast.kernels import compose as K
+    from gvsl_fast.kernels import warp as W
 
     device = "cuda" if ("cuda", "triton") in BACKENDS else "cpu"
     theta, flow, image = make_inputs(device, channels=3)
     runs = []
-    for wide in (False, True):
-        monkeypatch.setattr(K, "wide_indices", lambda *tensors, w=wide: w)
+    for forced in (False, True):
+        if forced and variant == "wide":
+            monkeypatch.setattr(K, "wide_indices", lambda *tensors: True)
+        elif forced:
+            monkeypatch.setattr(W, "MAX_GRID_Y", 1)  # read by batch_launches
         run = []
         for op in ("compose", "affine_flow_warp"):
             args = [t.clone().requires_grad_() for t in (image, theta, flow)]

@@ -486,8 +486,10 @@ def test_offsets_past_int32(device, backend, along):
 
 
 @pytest.mark.skipif(not any(b == "triton" for _, b in BACKENDS), reason="Triton does not run here")
-def test_triton_wide_offsets_give_the_same_results(monkeypatch):
-    """The int64-offset kernels (WIDE, taken from 2^31 elements on) on small inputs: the same
+@pytest.mark.parametrize("variant", ("wide", "batch_split"))
+def test_triton_launch_variants_give_the_same_results(monkeypatch, variant):
+    """Int64 offsets (WIDE, taken from 2^31 elements on) and one launch per batch element (the
+    split that keeps grid axis 1 within CUDA's 65535), forced on small inputs: the same
     addresses, hence the same values and gradients for every sampler source."""
     from gvsl_fast.kernels import warp as K
 
@@ -505,8 +507,11 @@ def test_triton_wide_offsets_give_the_same_results(monkeypatch):
     }
     positions = {"warp": flow, "grid_sample": grid, "affine_warp": theta}
     runs = []
-    for wide in (False, True):
-        monkeypatch.setattr(K, "wide_indices", lambda *tensors, w=wide: w)
+    for forced in (False, True):
+        if forced and variant == "wide":
+            monkeypatch.setattr(K, "wide_indices", lambda *tensors: True)
+        elif forced:
+            monkeypatch.setattr(K, "MAX_GRID_Y", 1)
         run = {}
         for name, call in calls.items():
             args = [image.clone().requires_grad_(), positions[name].clone().requires_grad_()]
