@@ -69,8 +69,9 @@ def _spec(fn, args, kwargs) -> dict:
     return {"module": fn.__module__, "name": fn.__qualname__, "sig": sig, "const": const}
 
 
-def _exercise() -> None:
-    """Each Triton op once per option that selects a different kernel specialization."""
+def _exercise_samplers() -> None:
+    """warp, grid_sample, affine_warp, compose and affine_flow_warp once per option that selects
+    a different kernel specialization."""
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.float16):
         image = torch.randn(2, 3, 5, 6, 7, dtype=dtype)
@@ -98,6 +99,11 @@ def _exercise() -> None:
                 t, f = theta.clone().requires_grad_(), flow.clone().requires_grad_()
                 ops.affine_flow_warp(i, t, f, padding_mode=padding,
                                      backend="triton").float().sum().backward()
+
+
+def _exercise_others() -> None:
+    """lncc and the appearance transforms, likewise."""
+    for dtype in (torch.float32, torch.float16):
         a, b = torch.rand(2, 2, 9, 8, 7, dtype=dtype), torch.rand(2, 2, 9, 8, 7, dtype=dtype)
         for preset in ("gvsl", "voxelmorph", "monai"):
             for reduction in ("mean", "none"):
@@ -124,7 +130,13 @@ def test_triton_kernels_compile_for_sm90(monkeypatch):
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
-    _exercise()
+    _exercise_samplers()
+    _exercise_others()
+    from gvsl_fast.kernels import compose, warp
+
+    for module in (compose, warp):  # the int64-offset variants, taken from 2^31 elements on
+        monkeypatch.setattr(module, "wide_indices", lambda *tensors: True)
+    _exercise_samplers()
     kernels = {(s["module"], s["name"]) for s in specs.values()}
     assert len(kernels) >= 10, kernels  # samplers, compose, lncc and appearance all recorded
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
