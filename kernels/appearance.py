@@ -13,13 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
+from gvsl_fast.kernels.warp import batch_launches
+
 BLOCK = 1024
 
 
 @triton.jit
-def _owner_kernel(starts_ptr, shuffle_ptr, owner_ptr, N, P, H, W, V, bh, bw,
+def _owner_kernel(starts_ptr, shuffle_ptr, owner_ptr, N, P, H, W, V, bh, bw, b0,
                   BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)  # blocks on axis 0: axes 1 and 2 stop at 65535
+    b = tl.program_id(1).to(tl.int64) + b0  # blocks on axis 0: axes 1 and 2 stop at 65535
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     active = tl.load(shuffle_ptr + b) != 0
     mask = (offs < N * P) & active
@@ -35,9 +37,9 @@ def _owner_kernel(starts_ptr, shuffle_ptr, owner_ptr, N, P, H, W, V, bh, bw,
 
 @triton.jit
 def _fused_kernel(x_ptr, out_ptr, owner_ptr, starts_ptr, perm_ptr, nonlinear_ptr, lut_ptr,
-                  boxes_ptr, noise_offset_ptr, noise_ptr, C, N, P, L, K, H, W, V, bh, bw,
+                  boxes_ptr, noise_offset_ptr, noise_ptr, C, N, P, L, K, H, W, V, bh, bw, b0,
                   BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64) + b0
     v = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = v < V
     d = v // (H * W)
@@ -109,11 +111,12 @@ def appearance(x: torch.Tensor, starts: torch.Tensor, perm: torch.Tensor,
                                           for t in (starts, boxes, noise_offset, noise))
     bd, bh, bw = block
     owner = torch.full((B, V), -1, dtype=torch.int32, device=dev)
-    if N > 0:
-        _owner_kernel[(triton.cdiv(N * P, BLOCK), B)](starts, shuffle, owner, N, P, H, W, V, bh,
-                                                      bw, BLOCK=BLOCK)
     out = torch.empty_like(x)
-    _fused_kernel[(triton.cdiv(V, BLOCK), B)](
-        x, out, owner, starts, perm, nonlinear, lut, boxes, noise_offset, noise, C, max(N, 1),
-        P, L, K, H, W, V, bh, bw, BLOCK=BLOCK)
+    for b0, nb in batch_launches(B):
+        if N > 0:
+            _owner_kernel[(triton.cdiv(N * P, BLOCK), nb)](starts, shuffle, owner, N, P, H, W, V,
+                                                           bh, bw, b0, BLOCK=BLOCK)
+        _fused_kernel[(triton.cdiv(V, BLOCK), nb)](
+            x, out, owner, starts, perm, nonlinear, lut, boxes, noise_offset, noise, C,
+            max(N, 1), P, L, K, H, W, V, bh, bw, b0, BLOCK=BLOCK)
     return out
