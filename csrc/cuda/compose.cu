@@ -80,13 +80,11 @@ at::Tensor forward_cuda(const at::Tensor& theta, const at::Tensor& flow, const a
   GVSL_DISPATCH_FAST(flow.scalar_type(), "compose", [&] {
     const auto a = make_args<scalar_t>(theta, flow, image, channels, align_corners, padding);
     const dim3 grid = grid_of(flow);
-    for (unsigned b0 = 0; b0 < grid.y; b0 += kMaxGridY) {
+    in_grid_slices(grid.y, [&](unsigned nb, int b0) {  // the batch on axis y
       compose_forward_kernel<kWarp, scalar_t>
-          <<<dim3(grid.x, std::min(kMaxGridY, grid.y - b0)), kThreads, 0,
-             at::cuda::getCurrentCUDAStream()>>>(a, out.data_ptr<scalar_t>(), strides5(out),
-                                                 int(b0));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+          <<<dim3(grid.x, nb), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              a, out.data_ptr<scalar_t>(), strides5(out), b0);
+    });
   });
   return out;
 }
@@ -109,16 +107,14 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
   const int64_t channels = kWarp ? image.size(1) : 3;
   GVSL_DISPATCH_FAST(flow.scalar_type(), "compose", [&] {
     const auto a = make_args<scalar_t>(theta, flow, image, channels, align_corners, padding);
-    for (unsigned b0 = 0; b0 < grid.y; b0 += kMaxGridY) {
+    in_grid_slices(grid.y, [&](unsigned nb, int b0) {  // the batch on axis y
       compose_backward_kernel<kWarp, scalar_t>
-          <<<dim3(grid.x, std::min(kMaxGridY, grid.y - b0)), kThreads, 0,
-             at::cuda::getCurrentCUDAStream()>>>(
+          <<<dim3(grid.x, nb), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               a, grad.data_ptr<scalar_t>(), strides5(grad), need,
               need.image ? dimage.data_ptr<float>() : nullptr,
               need.flow ? dflow.data_ptr<float>() : nullptr,
-              need.theta ? moments.data_ptr<float>() : nullptr, int(b0));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+              need.theta ? moments.data_ptr<float>() : nullptr, b0);
+    });
     if (need.theta)
       dtheta = theta_grad_cuda<scalar_t>(moments, sizes_of(flow), align_corners, theta);
   });

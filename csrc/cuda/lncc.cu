@@ -24,6 +24,7 @@
 
 #include <tuple>
 
+#include "cuda/grid.cuh"
 #include "lncc.h"
 
 namespace {
@@ -344,7 +345,7 @@ Launch plan(int64_t BC, int64_t D, int64_t H, int64_t W, int k) {
   const int64_t chunk = (D + chunks - 1) / chunks;
   const int64_t used = (D + chunk - 1) / chunk;
   // grid.z counts every (volume, chunk) block row; launch() splits it into slices of at most
-  // 65535 (the gridDim.z limit)
+  // kMaxGridYZ (the gridDim.z limit)
   TORCH_CHECK(BC * used <= INT32_MAX, "lncc: too many volumes for one launch");
   return {dim3((W + TW - 1) / TW, (H + TH - 1) / TH, BC * used), int(used), int(chunk)};
 }
@@ -353,15 +354,13 @@ template <class Load, class Consume>
 void launch(int k, const Shape& s, const Launch& l, const Load& load, const Consume& consume,
             float* partial) {
   auto stream = at::cuda::getCurrentCUDAStream();
-  // gridDim.z is at most 65535: the (volume, chunk) rows of blocks go in slices of that many
-  constexpr unsigned kMaxGridZ = 65535;
-  for (unsigned z0 = 0; z0 < l.grid.z; z0 += kMaxGridZ) {
-    const dim3 grid(l.grid.x, l.grid.y, std::min(kMaxGridZ, l.grid.z - z0));
+  gvsl::cuda::in_grid_slices(l.grid.z, [&](unsigned nz, int z0) {  // (volume, chunk) rows: axis z
+    const dim3 grid(l.grid.x, l.grid.y, nz);
     switch (k) {
 #define GVSL_LNCC_CASE(K)                                                               \
   case K:                                                                               \
     box_stream_kernel<K><<<grid, dim3(TW, TH), 0, stream>>>(s, l.chunks, l.chunk, load, \
-                                                            consume, partial, int(z0)); \
+                                                            consume, partial, z0);      \
     break;
       GVSL_LNCC_CASE(1)
       GVSL_LNCC_CASE(3)
@@ -376,8 +375,7 @@ void launch(int k, const Shape& s, const Launch& l, const Load& load, const Cons
         TORCH_CHECK(false, "lncc: the CUDA kernels support odd windows up to ", MAX_WINDOW,
                     ", got ", k);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  });
 }
 
 struct Problem {

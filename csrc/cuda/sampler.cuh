@@ -11,14 +11,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "cuda/grid.cuh"
 #include "sampler_host.h"
 
 namespace gvsl::cuda {
 
 constexpr int kThreads = 256;
-// gridDim.y (and .z) is at most 65535: a launch over more batch elements goes in slices of at
-// most this many, each kernel told the first batch element of its slice.
-constexpr unsigned kMaxGridY = 65535;
 
 // float, half and bfloat16 (float64 stays on the CPU backend).
 #define GVSL_DISPATCH_FAST(TYPE, NAME, ...)                 \
@@ -158,12 +156,10 @@ void launch_forward(const at::Tensor& image, at::Tensor& out, const Src& src, in
   const Geometry g = geometry(image, out);
   if (g.voxels() == 0) return;
   const dim3 grid = blocks(g, image.size(0));
-  for (unsigned b0 = 0; b0 < grid.y; b0 += kMaxGridY) {
-    const dim3 part(grid.x, std::min(kMaxGridY, grid.y - b0));
-    forward_kernel<S><<<part, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        image.const_data_ptr<S>(), out.data_ptr<S>(), g, src, mode, padding, int(b0));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  in_grid_slices(grid.y, [&](unsigned nb, int b0) {  // the batch on axis y
+    forward_kernel<S><<<dim3(grid.x, nb), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        image.const_data_ptr<S>(), out.data_ptr<S>(), g, src, mode, padding, b0);
+  });
 }
 
 // Returns d image (undefined if not asked); for theta, `moments` receives (B, blocks, 12).
@@ -200,11 +196,10 @@ at::Tensor launch_backward(const at::Tensor& grad_out, const at::Tensor& image, 
   auto stream = at::cuda::getCurrentCUDAStream();
   const S* ip = image.const_data_ptr<S>();
   const S* gp = grad_out.const_data_ptr<S>();
-#define GVSL_LAUNCH(I, P, F)                                                                  \
-  backward_kernel<I, P, F, S><<<part, kThreads, 0, stream>>>(ip, gp, gptr, sptr, mptr, g, src, \
-                                                             mode, padding, int(b0))
-  for (unsigned b0 = 0; b0 < grid.y; b0 += kMaxGridY) {
-    const dim3 part(grid.x, std::min(kMaxGridY, grid.y - b0));
+#define GVSL_LAUNCH(I, P, F)                                                           \
+  backward_kernel<I, P, F, S><<<dim3(grid.x, nb), kThreads, 0, stream>>>(               \
+      ip, gp, gptr, sptr, mptr, g, src, mode, padding, b0)
+  in_grid_slices(grid.y, [&](unsigned nb, int b0) {  // the batch on axis y
     if (image_grad && pos_grad) {
       if (fixed) GVSL_LAUNCH(true, true, true); else GVSL_LAUNCH(true, true, false);
     } else if (image_grad) {
@@ -212,8 +207,7 @@ at::Tensor launch_backward(const at::Tensor& grad_out, const at::Tensor& image, 
     } else {
       GVSL_LAUNCH(false, true, false);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  });
 #undef GVSL_LAUNCH
   if (!image_grad) return gimg;
   if (fixed) return (gimg.to(at::kDouble) / scale.to(at::kDouble)).to(image.scalar_type());
