@@ -1,6 +1,6 @@
 // Per-voxel math of compose and affine_flow_warp (DESIGN §3). The CUDA kernels
 // (csrc/cuda/compose.cu) run each voxel through compose_forward_voxel / compose_backward_voxel
-// (so do the tests, on the host: tests/csrc/cuda_voxel_math.cpp); the CPU loop
+// (so do the tests, on the host: tests/test_cuda_emulated.py); the CPU loop
 // (csrc/cpu/compose.cpp) shares the arguments and the affine map, and batches the rest by rows.
 //
 //   p_hat = theta(p)            (exact index-space map, sampling.h: affine_index_map)

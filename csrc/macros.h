@@ -1,7 +1,7 @@
 // Shared by the CPU (.cpp) and CUDA (.cu) translation units: the per-voxel math headers are
 // compiled for both. The CPU backend batches much of that math in its own vectorized row loops,
-// so the CPU-only tests also run the CUDA kernels' per-voxel functions on the host, through
-// tests/csrc/cuda_voxel_math.cpp: the very arithmetic the CUDA kernels run.
+// so the CPU-only tests also run the CUDA kernels themselves on the host (csrc/cuda/emulate.h,
+// tests/test_cuda_emulated.py): the very arithmetic the CUDA kernels run.
 #pragma once
 
 #ifdef __CUDACC__

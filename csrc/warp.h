@@ -124,8 +124,8 @@ GVSL_HD void theta_grad_from_moments(const T* m, const int* out_size, const int*
 
 // ---- one output voxel, all channels (the CUDA kernels' per-voxel bodies) -------------------
 // The stencil of the voxel's position is built once and serves every channel. The CPU loops
-// batch these steps over rows of voxels instead; the tests run these very functions on the host
-// (tests/csrc/cuda_voxel_math.cpp).
+// batch these steps over rows of voxels instead; the tests run the CUDA kernels, and with them
+// these very functions, on the host (csrc/cuda/emulate.h, tests/test_cuda_emulated.py).
 
 // out(b, :, d, h, w) = image(b, :) sampled at src's position of output voxel (b, d, h, w).
 template <typename S, typename Src>

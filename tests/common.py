@@ -1,11 +1,10 @@
-"""Helpers shared by the op tests: tolerances of DESIGN §6, the backends to check here, and the
-host check of the CUDA sampler's per-voxel math."""
+"""Helpers shared by the op tests: tolerances of DESIGN §6 and the backends to check here."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -83,39 +82,3 @@ def fast_backends() -> list[tuple[str, str]]:
 
 def backend_ids(pairs) -> list[str]:
     return [f"{d}-{b}" for d, b in pairs]
-
-
-# ---- the CUDA kernels' per-voxel math on the host (the cuda_voxel_math fixture) -------------
-
-HOST_DTYPES = (torch.float32, torch.float64)
-
-
-def host_tolerance(dtype: torch.dtype) -> float:
-    """DESIGN §6's CPU tolerance in float32; float64 within a few thousand roundings."""
-    return 1e-12 if dtype == torch.float64 else tolerance("cpu", dtype)
-
-
-def check_host_sampler(vm, source: str, image: torch.Tensor, pos: torch.Tensor, ref: Callable,
-                       padding: str, align_corners: bool = False, mode: str = "bilinear"):
-    """The CUDA sampler's per-voxel functions, run on the host by ``vm`` (the cuda_voxel_math
-    fixture) with the position source ``source`` (flow, grid, affine), against ``ref(image,
-    pos)``: the values (nearest: exactly), and for bilinear d image and d pos, asked together and
-    each alone (the three backward kernels)."""
-    bilinear = mode == "bilinear"
-    args = [t.clone().requires_grad_(bilinear) for t in (image, pos)]
-    expected = ref(*args)
-    out = vm.sample_forward(image, pos, source, mode, padding, align_corners)
-    if not bilinear:
-        assert torch.equal(out, expected)
-        return
-    tol = host_tolerance(image.dtype)
-    assert rel_err(out, expected) <= tol, rel_err(out, expected)
-    go = torch.randn(expected.shape, generator=torch.Generator().manual_seed(0)).to(image.dtype)
-    want = torch.autograd.grad(expected, args, go)
-    for asked in ((True, True), (True, False), (False, True)):
-        got = vm.sample_backward(go, image, pos, source, mode, padding, align_corners, *asked)
-        for g, w, a in zip(got, want, asked, strict=True):
-            if a:
-                assert g.shape == w.shape and rel_err(g, w) <= tol, (asked, rel_err(g, w))
-            else:
-                assert g.numel() == 0

@@ -13,20 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def cuda_voxel_math(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """The CUDA kernels' per-voxel functions run on the host (tests/csrc/cuda_voxel_math.cpp),
-    built once per session: ``torch.ops.gvsl_voxel_math``. The build lives in pytest's cache
-    (ninja rebuilds it when a csrc header changes), or in a temporary directory without one."""
+def cuda_emulated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The CUDA ops' sources built for the host (tests/csrc/cuda_emulated.cpp), once per session:
+    ``torch.ops.gvsl_fast_cuda_emulated``, with the schemas of ``torch.ops.gvsl_fast``. The build
+    lives in pytest's cache (ninja rebuilds it when a source changes), or in a temporary
+    directory without one."""
     from torch.utils.cpp_extension import load
 
     cache = getattr(request.config, "cache", None)
-    build = cache.mkdir("cuda_voxel_math") if cache else tmp_path_factory.mktemp("voxel_math")
+    build = cache.mkdir("cuda_emulated") if cache else tmp_path_factory.mktemp("cuda_emulated")
     load(
-        name="cuda_voxel_math",
-        sources=[str(ROOT / "tests" / "csrc" / "cuda_voxel_math.cpp")],
+        name="cuda_emulated",
+        sources=[str(ROOT / "tests" / "csrc" / "cuda_emulated.cpp")],
         extra_include_paths=[str(ROOT / "csrc")],
-        extra_cflags=["-O1"],
+        extra_cflags=["-O1", "-std=c++20", "-DGVSL_CUDA_EMULATE", "-Wno-unknown-pragmas"],
         build_directory=str(build),
         is_python_module=False,
     )
-    return torch.ops.gvsl_voxel_math
+    return torch.ops.gvsl_fast_cuda_emulated

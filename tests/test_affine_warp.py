@@ -3,19 +3,15 @@ gradients for image and theta, both align_corners and paddings, batch, channels.
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 import torch.nn.functional as F
 from common import (
     HALF,
-    HOST_DTYPES,
     VECTOR_CHANNELS,
     assert_matches,
     backend_ids,
     channel_vector_cases,
-    check_host_sampler,
     fast_backends,
     num_threads,
     rel_err,
@@ -129,19 +125,6 @@ def test_half_dtypes(device, backend, dtype):
     for g, r in zip(upstream_grads(out, args), upstream_grads(ref, ref_args), strict=True):
         assert g.dtype == dtype
         assert rel_err(g, r) <= 1e-2
-
-
-@pytest.mark.parametrize("dtype", HOST_DTYPES, ids=str)
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("align_corners", (False, True))
-def test_cuda_voxel_math(cuda_voxel_math, align_corners, padding, dtype):
-    """The CUDA kernels' per-voxel math (tests/csrc/cuda_voxel_math.cpp), run on the host."""
-    torch.manual_seed(8)
-    image = torch.randn(SHAPE, dtype=dtype)
-    image[:, :, :3] = -1.5  # constant region
-    theta = _theta(SHAPE[0], "cpu", dtype=dtype)
-    ref = partial(reference.affine_warp, align_corners=align_corners, padding_mode=padding)
-    check_host_sampler(cuda_voxel_math, "affine", image, theta, ref, padding, align_corners)
 
 
 @pytest.mark.parametrize("padding", PADDINGS)

@@ -9,10 +9,8 @@ import torch
 import torch.nn.functional as F
 from common import (
     HALF,
-    HOST_DTYPES,
     backend_ids,
     fast_backends,
-    host_tolerance,
     rel_err,
     tolerance,
     upstream_grads,
@@ -94,37 +92,6 @@ def test_only_requested_gradients(device, backend):
     (dtheta,) = torch.autograd.grad(compose(theta, flow, backend=backend).sum(), [theta])
     (ref,) = torch.autograd.grad(R.compose(theta, flow).sum(), [theta])
     assert rel_err(dtheta, ref) <= tolerance(device, torch.float32)
-
-
-@pytest.mark.parametrize("dtype", HOST_DTYPES, ids=str)
-@pytest.mark.parametrize("align_corners", [False, True])
-@pytest.mark.parametrize("padding", ["zeros", "border"])
-def test_cuda_voxel_math(cuda_voxel_math, padding, align_corners, dtype):
-    """The CUDA kernels' per-voxel math (tests/csrc/cuda_voxel_math.cpp), run on the host, against
-    the reference: compose (no image) and affine_flow_warp, values and every gradient, asked
-    together and each alone."""
-    theta, flow, image = make_inputs("cpu", dtype, channels=3, flow_scale=3.0)
-    tol = host_tolerance(dtype)
-    names = ("image", "theta", "flow")  # compose_backward's gradients, in order
-    for img in (None, image):
-        inputs = {"theta": theta, "flow": flow}
-        if img is not None:
-            inputs = {"image": img, **inputs}
-        args = {k: t.clone().requires_grad_() for k, t in inputs.items()}
-        op = R.compose if img is None else R.affine_flow_warp
-        ref = op(*args.values(), align_corners, padding)
-        out = cuda_voxel_math.compose_forward(theta, flow, img, align_corners, padding)
-        check_close([out], [ref], tol)
-        go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
-        want = dict(zip(args, torch.autograd.grad(ref, list(args.values()), go), strict=True))
-        for asked in [set(args)] + [{k} for k in args]:
-            got = cuda_voxel_math.compose_backward(go, theta, flow, img, align_corners, padding,
-                                                   *(k in asked for k in names))
-            for k, g in zip(names, got, strict=True):
-                if k in asked:
-                    assert rel_err(g, want[k]) <= tol, (k, asked, rel_err(g, want[k]))
-                else:
-                    assert g.numel() == 0
 
 
 def _affine_grid_reference(image, theta, flow, align_corners, padding):
@@ -325,7 +292,7 @@ def test_saved_derivative_matches_recompute(monkeypatch, need, channels, dtype, 
     ref_inputs = [t.detach().to(wide).requires_grad_(t.requires_grad) for t in inputs]
     ref = R.affine_flow_warp(image.to(wide), *ref_inputs, align_corners, padding)
     assert out.dtype == dtype and all(g.dtype == dtype for g in got)
-    tol = host_tolerance(dtype) if dtype in HOST_DTYPES else tolerance("cpu", dtype)
+    tol = 1e-12 if dtype == torch.float64 else tolerance("cpu", dtype)  # a few thousand roundings
     check_close([out], [ref], tol)
     check_close(got, upstream_grads(ref, ref_inputs), tol)
 

@@ -3,19 +3,15 @@ gradients, odd shapes, batch, channels, both paddings, positions leaving the vol
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 import torch.nn.functional as F
 from common import (
     HALF,
-    HOST_DTYPES,
     VECTOR_CHANNELS,
     assert_matches,
     backend_ids,
     channel_vector_cases,
-    check_host_sampler,
     fast_backends,
     num_threads,
     rel_err,
@@ -293,37 +289,6 @@ def test_saved_derivative_torch_compile():
     (gc,) = torch.autograd.grad(compiled(flow), (flow,))
     (ge,) = torch.autograd.grad(loss(flow), (flow,))
     assert rel_err(gc, ge) <= 1e-6
-
-
-# ---- the CUDA kernels' per-voxel math, run on the host (tests/csrc/cuda_voxel_math.cpp) ----
-
-
-@pytest.mark.parametrize("dtype", HOST_DTYPES, ids=str)
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_cuda_voxel_math_warp(cuda_voxel_math, padding, dtype):
-    torch.manual_seed(12)
-    image = torch.randn(SHAPE, dtype=dtype)
-    image[:, :, :, :3, :3] = 2.5  # constant region
-    flow = _flow(SHAPE, "cpu", dtype)
-    flow[0, 1, 3, 4, 5] = 0.5  # a tie for nearest
-    for mode in ("bilinear", "nearest"):
-        ref = partial(reference.warp, mode=mode, padding_mode=padding)
-        check_host_sampler(cuda_voxel_math, "flow", image, flow, ref, padding, mode=mode)
-
-
-@pytest.mark.parametrize("dtype", HOST_DTYPES, ids=str)
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("align_corners", (False, True))
-def test_cuda_voxel_math_grid_sample(cuda_voxel_math, align_corners, padding, dtype):
-    torch.manual_seed(13)
-    image = torch.randn(SHAPE, dtype=dtype)
-    theta = torch.eye(3, 4).repeat(2, 1, 1) + 0.2 * torch.randn(2, 3, 4)
-    grid = F.affine_grid(theta, (2, 3, 5, 8, 6), align_corners=align_corners) * 1.3
-    for mode in ("bilinear", "nearest"):
-        ref = partial(reference.grid_sample, mode=mode, padding_mode=padding,
-                      align_corners=align_corners)
-        check_host_sampler(cuda_voxel_math, "grid", image, grid.to(dtype), ref, padding,
-                           align_corners, mode)
 
 
 # ---- float64 gradcheck, torch.compile, drop-in modules -------------------------------------

@@ -2,9 +2,6 @@
 // csrc/sampling.h by a one-block kernel; the sampler skeleton of sampler.cuh runs with an
 // AffineSource; the theta gradient is the per-block moments summed per batch in a fixed order
 // (a deterministic reduction, no float atomics) and turned into d theta by csrc/warp.h.
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include "cuda/sampler.cuh"
 #include "sampler_host.h"
 
@@ -22,12 +19,11 @@ __global__ void index_maps_kernel(const S* theta, AffineIndexMap<T>* maps, int b
 template <typename T, typename S>
 at::Tensor index_maps(const at::Tensor& theta, const AffineSizes& z, bool align_corners) {
   const int batch = int(theta.size(0));
-  auto buf = at::empty({int64_t(batch * sizeof(AffineIndexMap<T>))}, theta.options().dtype(at::kByte));
+  auto buf = at::empty({int64_t(batch * sizeof(AffineIndexMap<T>))},
+                       theta.options().dtype(at::kByte));
   const at::Tensor th = theta.contiguous();
-  index_maps_kernel<T, S><<<(batch + 127) / 128, 128, 0, at::cuda::getCurrentCUDAStream()>>>(
-      th.const_data_ptr<S>(), reinterpret_cast<AffineIndexMap<T>*>(buf.data_ptr()), batch, z,
-      align_corners);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(index_maps_kernel<T, S>, dim3((batch + 127) / 128), dim3(128), th.const_data_ptr<S>(),
+         reinterpret_cast<AffineIndexMap<T>*>(buf.data_ptr()), batch, z, align_corners);
   return buf;
 }
 
@@ -39,7 +35,7 @@ AffineSource<T> affine_source(const at::Tensor& maps) {
 at::Tensor affine_warp_forward(const at::Tensor& image, const at::Tensor& theta, int64_t padding,
                                bool align_corners, bool /*deterministic*/) {
   check_theta(image, theta);
-  const c10::cuda::CUDAGuard guard(image.device());  // launch on the inputs' device and stream
+  const DeviceGuard guard(image.device());  // launch on the inputs' device and stream
   at::Tensor out = new_output(image, image.sizes().slice(2));
   const AffineSizes z = sizes_of(image);
   GVSL_DISPATCH_FAST(image.scalar_type(), "affine", [&] {
@@ -54,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> affine_warp_backward(
     const at::Tensor& grad_out, const at::Tensor& image, const at::Tensor& theta, int64_t padding,
     bool align_corners, bool deterministic, bool image_grad, bool theta_grad) {
   check_theta(image, theta);
-  const c10::cuda::CUDAGuard guard(image.device());
+  const DeviceGuard guard(image.device());
   const AffineSizes z = sizes_of(image);
   at::Tensor gimg, gtheta;
   GVSL_DISPATCH_FAST(image.scalar_type(), "affine_bwd", [&] {
@@ -71,7 +67,8 @@ std::tuple<at::Tensor, at::Tensor> affine_warp_backward(
 }  // namespace
 }  // namespace gvsl::cuda
 
-TORCH_LIBRARY_IMPL(gvsl_fast, CUDA, m) {
-  m.impl("affine_warp_forward", &gvsl::cuda::affine_warp_forward);
-  m.impl("affine_warp_backward", &gvsl::cuda::affine_warp_backward);
+GVSL_CUDA_LIBRARY(m) {
+  using gvsl::cuda::register_op;
+  register_op(m, "affine_warp_forward", &gvsl::cuda::affine_warp_forward);
+  register_op(m, "affine_warp_backward", &gvsl::cuda::affine_warp_backward);
 }

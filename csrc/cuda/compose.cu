@@ -3,9 +3,6 @@
 // Scatters (d flow, d image) are float atomics into fp32 buffers; d theta goes through the
 // sampler's theta moments (csrc/warp.h): reduced per block into (B, blocks, 12) partials, then
 // summed in a fixed order (sampler.cuh's theta_grad_cuda), so it is reproducible.
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include "compose.h"
 #include "compose_host.h"
 #include "cuda/sampler.cuh"
@@ -73,17 +70,16 @@ dim3 grid_of(const at::Tensor& flow) {
 template <bool kWarp>
 at::Tensor forward_cuda(const at::Tensor& theta, const at::Tensor& flow, const at::Tensor& image,
                         bool align_corners, int64_t padding) {
-  check_compose_inputs(theta, flow, image, at::kCUDA);
-  const c10::cuda::CUDAGuard guard(flow.device());
+  check_compose_inputs(theta, flow, image, kDevice);
+  const DeviceGuard guard(flow.device());
   at::Tensor out = at::empty_like(kWarp ? image : flow);
   const int64_t channels = kWarp ? image.size(1) : 3;
   GVSL_DISPATCH_FAST(flow.scalar_type(), "compose", [&] {
     const auto a = make_args<scalar_t>(theta, flow, image, channels, align_corners, padding);
     const dim3 grid = grid_of(flow);
     in_grid_slices(grid.y, [&](unsigned nb, int b0) {  // the batch on axis y
-      compose_forward_kernel<kWarp, scalar_t>
-          <<<dim3(grid.x, nb), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              a, out.data_ptr<scalar_t>(), strides5(out), b0);
+      launch(compose_forward_kernel<kWarp, scalar_t>, dim3(grid.x, nb), dim3(kThreads), a,
+             out.data_ptr<scalar_t>(), strides5(out), b0);
     });
   });
   return out;
@@ -94,9 +90,9 @@ template <bool kWarp>
 std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& theta,
                                       const at::Tensor& flow, const at::Tensor& image,
                                       bool align_corners, int64_t padding, ComposeNeeds need) {
-  check_compose_inputs(theta, flow, image, at::kCUDA);
+  check_compose_inputs(theta, flow, image, kDevice);
   check_grad(grad, kWarp ? image : flow);
-  const c10::cuda::CUDAGuard guard(flow.device());
+  const DeviceGuard guard(flow.device());
   const dim3 grid = grid_of(flow);
   const auto f32 = flow.options().dtype(at::kFloat);
   at::Tensor dflow = need.flow ? at::zeros(flow.sizes(), f32) : at::Tensor();
@@ -108,12 +104,11 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
   GVSL_DISPATCH_FAST(flow.scalar_type(), "compose", [&] {
     const auto a = make_args<scalar_t>(theta, flow, image, channels, align_corners, padding);
     in_grid_slices(grid.y, [&](unsigned nb, int b0) {  // the batch on axis y
-      compose_backward_kernel<kWarp, scalar_t>
-          <<<dim3(grid.x, nb), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              a, grad.data_ptr<scalar_t>(), strides5(grad), need,
-              need.image ? dimage.data_ptr<float>() : nullptr,
-              need.flow ? dflow.data_ptr<float>() : nullptr,
-              need.theta ? moments.data_ptr<float>() : nullptr, b0);
+      launch(compose_backward_kernel<kWarp, scalar_t>, dim3(grid.x, nb), dim3(kThreads), a,
+             grad.data_ptr<scalar_t>(), strides5(grad), need,
+             need.image ? dimage.data_ptr<float>() : nullptr,
+             need.flow ? dflow.data_ptr<float>() : nullptr,
+             need.theta ? moments.data_ptr<float>() : nullptr, b0);
     });
     if (need.theta)
       dtheta = theta_grad_cuda<scalar_t>(moments, sizes_of(flow), align_corners, theta);
@@ -158,9 +153,10 @@ std::vector<at::Tensor> affine_flow_warp_bwd_cuda(const at::Tensor& grad,
 }  // namespace
 }  // namespace gvsl::cuda
 
-TORCH_LIBRARY_IMPL(gvsl_fast, CUDA, m) {
-  m.impl("compose_fwd", &gvsl::cuda::compose_fwd_cuda);
-  m.impl("compose_bwd", &gvsl::cuda::compose_bwd_cuda);
-  m.impl("affine_flow_warp_fwd", &gvsl::cuda::affine_flow_warp_fwd_cuda);
-  m.impl("affine_flow_warp_bwd", &gvsl::cuda::affine_flow_warp_bwd_cuda);
+GVSL_CUDA_LIBRARY(m) {
+  using gvsl::cuda::register_op;
+  register_op(m, "compose_fwd", &gvsl::cuda::compose_fwd_cuda);
+  register_op(m, "compose_bwd", &gvsl::cuda::compose_bwd_cuda);
+  register_op(m, "affine_flow_warp_fwd", &gvsl::cuda::affine_flow_warp_fwd_cuda);
+  register_op(m, "affine_flow_warp_bwd", &gvsl::cuda::affine_flow_warp_bwd_cuda);
 }

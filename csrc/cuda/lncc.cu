@@ -16,15 +16,9 @@
 // (SII - SI^2/n and the like, where float rounding and FMA contraction would again leave noise
 // of the order of eps) and the gradients in double from them, the other per-voxel formulas in
 // float.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <tuple>
 
-#include "cuda/grid.cuh"
+#include "cuda/launch.cuh"
 #include "lncc.h"
 
 namespace {
@@ -33,12 +27,7 @@ constexpr int TW = 32, TH = 8, THREADS = TW * TH;
 constexpr int MAX_WINDOW = 15;
 
 using gvsl::LnccParams;
-
-// float32, float16 and bfloat16 (float64 runs on the CPU backend only).
-#define GVSL_DISPATCH_FAST(TYPE, NAME, ...)                    \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+using gvsl::cuda::DeviceGuard;
 
 struct Strides {
   int64_t b, c, d, h, w;
@@ -255,9 +244,13 @@ __device__ void slice_sums(Tile<K, M>& t, float (*raw)[Load::RAW], const Next& n
 // it leaves the window is merged with the one made when it entered, and the ring is then held in
 // double: K * M more registers (ptxas, sm_90, K = 9 forward: 229 instead of 172).
 __device__ __forceinline__ double widen(float x) {
+#ifdef __CUDA_ARCH__
   double r;
   asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x));
   return r;
+#else
+  return x;  // the host (emulation) has no such merge to prevent
+#endif
 }
 
 // Blocks per SM that ptxas must leave registers for (two: at most 128 per thread): two where the
@@ -339,28 +332,28 @@ struct Launch {
 // chunks at least 2K deep so the K - 1 warm-up slices of each stay a small overhead.
 Launch plan(int64_t BC, int64_t D, int64_t H, int64_t W, int k) {
   const int64_t tiles = ((W + TW - 1) / TW) * ((H + TH - 1) / TH) * BC;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = gvsl::cuda::multiprocessors();
   const int64_t want = (4 * sms + tiles - 1) / tiles;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(want, D / (2 * k)));
   const int64_t chunk = (D + chunks - 1) / chunks;
   const int64_t used = (D + chunk - 1) / chunk;
-  // grid.z counts every (volume, chunk) block row; launch() splits it into slices of at most
+  // grid.z counts every (volume, chunk) block row; launch_box() splits it into slices of at most
   // kMaxGridYZ (the gridDim.z limit)
   TORCH_CHECK(BC * used <= INT32_MAX, "lncc: too many volumes for one launch");
+  TORCH_CHECK((H + TH - 1) / TH <= 65535, "lncc: H over ", 65535 * TH, " on CUDA");
   return {dim3((W + TW - 1) / TW, (H + TH - 1) / TH, BC * used), int(used), int(chunk)};
 }
 
 template <class Load, class Consume>
-void launch(int k, const Shape& s, const Launch& l, const Load& load, const Consume& consume,
-            float* partial) {
-  auto stream = at::cuda::getCurrentCUDAStream();
+void launch_box(int k, const Shape& s, const Launch& l, const Load& load, const Consume& consume,
+                float* partial) {
   gvsl::cuda::in_grid_slices(l.grid.z, [&](unsigned nz, int z0) {  // (volume, chunk) rows: axis z
     const dim3 grid(l.grid.x, l.grid.y, nz);
     switch (k) {
-#define GVSL_LNCC_CASE(K)                                                               \
-  case K:                                                                               \
-    box_stream_kernel<K><<<grid, dim3(TW, TH), 0, stream>>>(s, l.chunks, l.chunk, load, \
-                                                            consume, partial, z0);      \
+#define GVSL_LNCC_CASE(K)                                                                 \
+  case K:                                                                                 \
+    gvsl::cuda::launch(box_stream_kernel<K, Load, Consume>, grid, dim3(TW, TH), s, l.chunks, \
+                       l.chunk, load, consume, partial, z0);                              \
     break;
       GVSL_LNCC_CASE(1)
       GVSL_LNCC_CASE(3)
@@ -387,7 +380,7 @@ struct Problem {
 
 Problem check_inputs(const at::Tensor& a, const at::Tensor& b, int64_t window, double eps,
                      int64_t preset, double smooth_nr) {
-  TORCH_CHECK(a.is_cuda() && b.is_cuda() && a.device() == b.device(),
+  TORCH_CHECK(a.device().type() == gvsl::cuda::kDevice && a.device() == b.device(),
               "lncc: a and b must be on one CUDA device");
   TORCH_CHECK(a.dim() == 5 && a.sizes() == b.sizes(), "lncc: a and b must be 5-D with one shape");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "lncc: a and b must have one dtype");
@@ -414,7 +407,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& pr, const at::Ten
   const LoadInputs<T> load{a.data_ptr<T>(), b.data_ptr<T>(), strides_of(a), strides_of(b)};
   if (reduction == gvsl::kLnccNone) {
     at::Tensor out = at::empty_like(a);
-    launch(pr.k, pr.s, l, load, ConsumeCC<T>{pr.p, out.data_ptr<T>(), strides_of(out)}, nullptr);
+    launch_box(pr.k, pr.s, l, load, ConsumeCC<T>{pr.p, out.data_ptr<T>(), strides_of(out)},
+               nullptr);
     return {out, at::empty({0}, a.options())};
   }
   const auto f32 = a.options().dtype(at::kFloat);
@@ -423,14 +417,14 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& pr, const at::Ten
   if (need_a || need_b) {
     coef = coef_buffer(pr, need_a, need_b, a);
     gvsl::with_maps(need_a, need_b, [&](auto q) {
-      launch(pr.k, pr.s, l, load,
+      launch_box(pr.k, pr.s, l, load,
              ConsumeCoefs<decltype(q)::value>{pr.p, nullptr, strides_of(a),
                                                coef.data_ptr<float>(), coef.stride(0), need_a,
                                                need_b},
              partial.data_ptr<float>());
     });
   } else {
-    launch(pr.k, pr.s, l, load, ConsumeCC<T>{pr.p, nullptr, strides_of(a)},
+    launch_box(pr.k, pr.s, l, load, ConsumeCC<T>{pr.p, nullptr, strides_of(a)},
            partial.data_ptr<float>());
   }
   at::Tensor total = partial.to(at::kDouble).sum();  // a fixed-order reduction
@@ -443,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> lncc_forward_cuda(const at::Tensor& a, const 
                                                      double smooth_nr, int64_t reduction,
                                                      bool need_a, bool need_b) {
   const Problem pr = check_inputs(a, b, window, eps, preset, smooth_nr);
-  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceGuard guard(a.device());
   return GVSL_DISPATCH_FAST(a.scalar_type(), "lncc_forward_cuda", [&] {
     return forward_impl<scalar_t>(pr, a, b, reduction, need_a, need_b);
   });
@@ -459,7 +453,7 @@ void grad_pass(const Problem& pr, const Launch& l, const at::Tensor& coef, const
                                 need_b ? gb.data_ptr<T>() : nullptr,
                                 strides_of(a), strides_of(b),
                                 strides_of(need_a ? ga : a), strides_of(need_b ? gb : b), scale};
-  launch(pr.k, pr.s, l, LoadCoefs<Q>{coef.data_ptr<float>(), coef.stride(0)}, consume, nullptr);
+  launch_box(pr.k, pr.s, l, LoadCoefs<Q>{coef.data_ptr<float>(), coef.stride(0)}, consume, nullptr);
 }
 
 // dL/da and dL/db for the inputs that need them. With the forward's coefficient maps `coef`,
@@ -480,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cuda(const at::Tensor& grad, co
   TORCH_CHECK(!saved || (coef.size(0) == Q && coef.scalar_type() == at::kFloat &&
                          coef.is_contiguous()),
               "lncc_backward: coef must hold the maps of the inputs that need gradients");
-  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceGuard guard(a.device());
   at::Tensor ga = need_a ? at::empty_like(a) : at::empty({0}, a.options());
   at::Tensor gb = need_b ? at::empty_like(b) : at::empty({0}, b.options());
   if (!need_a && !need_b) return {ga, gb};
@@ -496,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cuda(const at::Tensor& grad, co
       const at::Tensor maps = coef_buffer(pr, need_a, need_b, a);
       const LoadInputs<scalar_t> load{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
                                       strides_of(a), strides_of(b)};
-      launch(pr.k, pr.s, l, load,
+      launch_box(pr.k, pr.s, l, load,
              ConsumeCoefs<kQ>{pr.p, grad.data_ptr<float>(), strides_of(grad),
                               maps.data_ptr<float>(), maps.stride(0), need_a, need_b},
              nullptr);
@@ -509,7 +503,8 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cuda(const at::Tensor& grad, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gvsl_fast, CUDA, m) {
-  m.impl("lncc_forward", &lncc_forward_cuda);
-  m.impl("lncc_backward", &lncc_backward_cuda);
+GVSL_CUDA_LIBRARY(m) {
+  using gvsl::cuda::register_op;
+  register_op(m, "lncc_forward", &lncc_forward_cuda);
+  register_op(m, "lncc_backward", &lncc_backward_cuda);
 }

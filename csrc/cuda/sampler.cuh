@@ -7,25 +7,12 @@
 // theta: 12 moments reduced per block into a buffer, then summed per batch in a fixed order
 // (theta_grad_cuda, also used by compose and affine_flow_warp).
 #pragma once
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-
-#include "cuda/grid.cuh"
+#include "cuda/launch.cuh"
 #include "sampler_host.h"
 
 namespace gvsl::cuda {
 
 constexpr int kThreads = 256;
-
-// float, half and bfloat16 (float64 stays on the CPU backend).
-#define GVSL_DISPATCH_FAST(TYPE, NAME, ...)                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                            \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-
 
 inline dim3 blocks(const Geometry& g, int64_t batch) {
   return dim3(unsigned((g.voxels() + kThreads - 1) / kThreads), unsigned(batch));
@@ -105,9 +92,8 @@ at::Tensor theta_grad_cuda(const at::Tensor& moments, const AffineSizes& z, bool
   const int batch = int(theta.size(0));
   const at::Tensor sums = moments.sum(1, false, at::kDouble).contiguous();
   at::Tensor dtheta = at::empty({batch, 3, 4}, theta.options());
-  theta_grad_kernel<S><<<(batch + 127) / 128, 128, 0, at::cuda::getCurrentCUDAStream()>>>(
-      sums.const_data_ptr<double>(), dtheta.data_ptr<S>(), batch, z, align_corners);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(theta_grad_kernel<S>, dim3((batch + 127) / 128), dim3(128),
+         sums.const_data_ptr<double>(), dtheta.data_ptr<S>(), batch, z, align_corners);
   return dtheta;
 }
 
@@ -157,8 +143,8 @@ void launch_forward(const at::Tensor& image, at::Tensor& out, const Src& src, in
   if (g.voxels() == 0) return;
   const dim3 grid = blocks(g, image.size(0));
   in_grid_slices(grid.y, [&](unsigned nb, int b0) {  // the batch on axis y
-    forward_kernel<S><<<dim3(grid.x, nb), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        image.const_data_ptr<S>(), out.data_ptr<S>(), g, src, mode, padding, b0);
+    launch(forward_kernel<S, Src>, dim3(grid.x, nb), dim3(kThreads), image.const_data_ptr<S>(),
+           out.data_ptr<S>(), g, src, mode, padding, b0);
   });
 }
 
@@ -185,7 +171,8 @@ at::Tensor launch_backward(const at::Tensor& grad_out, const at::Tensor& image, 
     scale = at::exp2(bits).reshape({1});
   }
   if (pos_grad && Src::kind == kAffine)
-    moments = at::empty({image.size(0), int64_t(grid.x), kMoments}, image.options().dtype(acc_type));
+    moments =
+        at::empty({image.size(0), int64_t(grid.x), kMoments}, image.options().dtype(acc_type));
   // nothing to launch: the (zero) image gradient still goes back in the image's dtype, not as
   // the accumulation or fixed-point buffer
   if (g.voxels() == 0 || (!image_grad && !pos_grad))
@@ -193,12 +180,11 @@ at::Tensor launch_backward(const at::Tensor& grad_out, const at::Tensor& image, 
   void* gptr = image_grad ? gimg.data_ptr() : nullptr;
   const float* sptr = fixed ? scale.const_data_ptr<float>() : nullptr;
   T* mptr = moments.defined() ? moments.data_ptr<T>() : nullptr;
-  auto stream = at::cuda::getCurrentCUDAStream();
   const S* ip = image.const_data_ptr<S>();
   const S* gp = grad_out.const_data_ptr<S>();
-#define GVSL_LAUNCH(I, P, F)                                                           \
-  backward_kernel<I, P, F, S><<<dim3(grid.x, nb), kThreads, 0, stream>>>(               \
-      ip, gp, gptr, sptr, mptr, g, src, mode, padding, b0)
+#define GVSL_LAUNCH(I, P, F)                                                               \
+  launch(backward_kernel<I, P, F, S, Src>, dim3(grid.x, nb), dim3(kThreads), ip, gp, gptr, sptr, \
+         mptr, g, src, mode, padding, b0)
   in_grid_slices(grid.y, [&](unsigned nb, int b0) {  // the batch on axis y
     if (image_grad && pos_grad) {
       if (fixed) GVSL_LAUNCH(true, true, true); else GVSL_LAUNCH(true, true, false);

@@ -1,8 +1,5 @@
 // warp and grid_sample: CUDA launch code (indexing and dispatch only; the math is csrc/warp.h,
 // the kernels the skeleton of sampler.cuh with a FlowSource / GridSource).
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include "cuda/sampler.cuh"
 #include "sampler_host.h"
 
@@ -12,7 +9,7 @@ namespace {
 at::Tensor warp_forward(const at::Tensor& image, const at::Tensor& flow, int64_t mode,
                         int64_t padding, bool /*deterministic*/) {
   check_flow(image, flow);
-  const c10::cuda::CUDAGuard guard(image.device());  // launch on the inputs' device and stream
+  const DeviceGuard guard(image.device());  // launch on the inputs' device and stream
   at::Tensor out = new_output(image, flow.sizes().slice(2));
   GVSL_DISPATCH_FAST(image.scalar_type(), "warp", [&] {
     launch_forward<scalar_t>(image, out, flow_source<scalar_t>(flow, nullptr), int(mode),
@@ -26,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> warp_backward(const at::Tensor& grad_out,
                                                  int64_t mode, int64_t padding, bool deterministic,
                                                  bool image_grad, bool flow_grad) {
   check_flow(image, flow);
-  const c10::cuda::CUDAGuard guard(image.device());
+  const DeviceGuard guard(image.device());
   at::Tensor gflow = flow_grad ? at::empty_like(flow) : at::Tensor();
   at::Tensor gimg, moments;
   GVSL_DISPATCH_FAST(image.scalar_type(), "warp_bwd", [&] {
@@ -41,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> warp_backward(const at::Tensor& grad_out,
 at::Tensor grid_sample_forward(const at::Tensor& image, const at::Tensor& grid, int64_t mode,
                                int64_t padding, bool align_corners, bool /*deterministic*/) {
   check_grid(image, grid);
-  const c10::cuda::CUDAGuard guard(image.device());
+  const DeviceGuard guard(image.device());
   at::Tensor out = new_output(image, grid.sizes().slice(1, 3));
   GVSL_DISPATCH_FAST(image.scalar_type(), "grid", [&] {
     launch_forward<scalar_t>(image, out, grid_source<scalar_t>(grid, nullptr, image, align_corners),
@@ -54,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward(
     const at::Tensor& grad_out, const at::Tensor& image, const at::Tensor& grid, int64_t mode,
     int64_t padding, bool align_corners, bool deterministic, bool image_grad, bool grid_grad) {
   check_grid(image, grid);
-  const c10::cuda::CUDAGuard guard(image.device());
+  const DeviceGuard guard(image.device());
   at::Tensor ggrid = grid_grad ? at::empty_like(grid) : at::Tensor();
   at::Tensor gimg, moments;
   GVSL_DISPATCH_FAST(image.scalar_type(), "grid_bwd", [&] {
@@ -69,9 +66,10 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward(
 }  // namespace
 }  // namespace gvsl::cuda
 
-TORCH_LIBRARY_IMPL(gvsl_fast, CUDA, m) {
-  m.impl("warp_forward", &gvsl::cuda::warp_forward);
-  m.impl("warp_backward", &gvsl::cuda::warp_backward);
-  m.impl("grid_sample_forward", &gvsl::cuda::grid_sample_forward);
-  m.impl("grid_sample_backward", &gvsl::cuda::grid_sample_backward);
+GVSL_CUDA_LIBRARY(m) {
+  using gvsl::cuda::register_op;
+  register_op(m, "warp_forward", &gvsl::cuda::warp_forward);
+  register_op(m, "warp_backward", &gvsl::cuda::warp_backward);
+  register_op(m, "grid_sample_forward", &gvsl::cuda::grid_sample_forward);
+  register_op(m, "grid_sample_backward", &gvsl::cuda::grid_sample_backward);
 }

@@ -1,0 +1,254 @@
+"""The CUDA ops' own sources (csrc/cuda/*.cu), built for the host and run with a host thread per
+CUDA thread (csrc/cuda/emulate.h; the ``cuda_emulated`` fixture): their kernels, launch
+configuration, grid slicing, shared-memory tiles, barriers, warp shuffles, atomics and
+reductions, against the CPU backend's ops of the same schema (themselves checked against the
+reference) and, for lncc's precision cases, against the float64 reference.
+
+The emulation slices grid axes y and z at 2 blocks instead of 65535 (so batches of 5 take three
+launches) and plans lncc's depth chunks for an H100's 132 SMs. It checks the kernels' logic and
+arithmetic, not the GPU's timing, memory model or compiler: tests/test_triton_compile.py and the
+CUDA build do not replace a GPU run either."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from common import HALF, rel_err, tolerance
+
+from gvsl_fast.ops import reference
+from gvsl_fast.ops.lncc import PRESETS, REDUCTIONS_CODE, grad_of_cc
+
+CPU = torch.ops.gvsl_fast
+DTYPES = (torch.float32, *HALF)
+BATCH = 5  # three launches of at most 2 batch elements
+MODES = {"bilinear": 0, "nearest": 1}
+PADDINGS = {"zeros": 0, "border": 1}
+
+
+def check(got, want, dtype: torch.dtype, what: str = "") -> None:
+    """Same shape, dtype and values (DESIGN §6's CUDA tolerance) for one tensor or a sequence;
+    empty tensors (gradients not asked for) must stay empty."""
+    if isinstance(got, torch.Tensor):
+        got, want = [got], [want]
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.shape == w.shape and g.dtype == w.dtype, (what, i, g.shape, w.shape)
+        if w.numel():
+            err = rel_err(g, w)
+            assert err <= tolerance("cuda", dtype), f"{what} output {i}: rel err {err:.3g}"
+
+
+def inputs(*shapes, dtype=torch.float32, channels_last=False, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        t = (scale * torch.randn(shape, generator=g)).to(dtype)
+        if channels_last and t.dim() == 5:
+            t = t.contiguous(memory_format=torch.channels_last_3d)
+        out.append(t)
+    return out
+
+
+def near_identity(batch: int, spread: float = 0.2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(3, 4).repeat(batch, 1, 1) + spread * torch.randn(batch, 3, 4, generator=g)
+
+
+ASKED = ((True, True), (True, False), (False, True))
+
+
+def check_sampler(emu, name: str, image, pos, options, dtype, deterministic: bool):
+    """``<name>_forward(image, pos, *options, deterministic)`` and its backward, every gradient
+    asked for together and alone, emulated CUDA against the CPU backend."""
+    fwd, bwd = f"{name}_forward", f"{name}_backward"
+    out = getattr(emu, fwd)(image, pos, *options, deterministic)
+    want = getattr(CPU, fwd)(image, pos, *options, deterministic)
+    check(out, want, dtype, fwd)
+    assert out.stride() == want.stride()  # the image's layout
+    go = inputs(out.shape, dtype=dtype, seed=5)[0]
+    for asked in ASKED:
+        args = (go, image, pos, *options, deterministic, *asked)
+        check(getattr(emu, bwd)(*args), getattr(CPU, bwd)(*args), dtype, f"{bwd} {asked}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+def test_warp(cuda_emulated, mode, padding, channels_last, dtype):
+    image, flow = inputs((BATCH, 3, 6, 7, 9), (BATCH, 3, 6, 7, 9), dtype=dtype,
+                         channels_last=channels_last, scale=2.5)
+    for deterministic in (False, True):
+        check_sampler(cuda_emulated, "warp", image, flow, (MODES[mode], PADDINGS[padding]),
+                      dtype, deterministic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+def test_grid_sample(cuda_emulated, mode, padding, align_corners, dtype):
+    image, grid = inputs((BATCH, 2, 6, 7, 9), (BATCH, 4, 5, 6, 3), dtype=dtype, scale=0.7)
+    check_sampler(cuda_emulated, "grid_sample", image, grid,
+                  (MODES[mode], PADDINGS[padding], align_corners), dtype, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_affine_warp(cuda_emulated, padding, align_corners, channels_last, dtype):
+    (image,) = inputs((BATCH, 3, 6, 7, 9), dtype=dtype, channels_last=channels_last)
+    theta = near_identity(BATCH).to(dtype)
+    for deterministic in (False, True):
+        check_sampler(cuda_emulated, "affine_warp", image, theta,
+                      (PADDINGS[padding], align_corners), dtype, deterministic)
+
+
+def test_deterministic_image_gradient_is_bitwise_reproducible(cuda_emulated):
+    """deterministic=True: the image gradient's fixed-point atomics give the same bits whatever
+    order the (real, racing) host threads add in; many flows land on few voxels."""
+    image, flow = inputs((BATCH, 2, 6, 7, 9), (BATCH, 3, 6, 7, 9), scale=0.3)
+    go = inputs(image.shape, seed=3)[0]
+    args = (go, image, flow, 0, 0, True, True, False)
+    first = cuda_emulated.warp_backward(*args)[0]
+    assert all(torch.equal(first, cuda_emulated.warp_backward(*args)[0]) for _ in range(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_compose_and_affine_flow_warp(cuda_emulated, padding, align_corners, channels_last,
+                                      dtype):
+    image, flow = inputs((BATCH, 2, 6, 7, 9), (BATCH, 3, 6, 7, 9), dtype=dtype,
+                         channels_last=channels_last, scale=2.0)
+    theta = near_identity(BATCH, 0.15).to(dtype)
+    opts = (align_corners, PADDINGS[padding])
+    out = cuda_emulated.compose_fwd(theta, flow, *opts)
+    check(out, CPU.compose_fwd(theta, flow, *opts), dtype, "compose_fwd")
+    go = inputs(out.shape, dtype=dtype, seed=5)[0]
+    for asked in ASKED:
+        args = (go, theta, flow, *opts, *asked)
+        check(cuda_emulated.compose_bwd(*args), CPU.compose_bwd(*args), dtype, f"compose {asked}")
+    out = cuda_emulated.affine_flow_warp_fwd(image, theta, flow, *opts)
+    check(out, CPU.affine_flow_warp_fwd(image, theta, flow, *opts), dtype, "afw_fwd")
+    go = inputs(out.shape, dtype=dtype, seed=6)[0]
+    for asked in ((True, True, True), (True, False, False), (False, True, False),
+                  (False, False, True), (False, True, True)):
+        args = (go, image, theta, flow, *opts, *asked)
+        check(cuda_emulated.affine_flow_warp_bwd(*args), CPU.affine_flow_warp_bwd(*args), dtype,
+              f"afw {asked}")
+
+
+# ---- lncc ------------------------------------------------------------------------------------
+
+
+def lncc_args(a, b, window, preset="gvsl", reduction="mean", need=(True, True), eps=1e-5,
+              smooth_nr=0.0):
+    return (a, b, window, eps, PRESETS.index(preset), smooth_nr, REDUCTIONS_CODE[reduction],
+            *need)
+
+
+def lncc_grads(ops, a, b, window, preset="gvsl", reduction="mean", need=(True, True), seed=1):
+    """(loss or cc map, d a, d b) of ``ops``' lncc_forward / lncc_backward, as the autograd of
+    gvsl_fast.ops.lncc chains them, under a fixed random upstream gradient for a map."""
+    args = lncc_args(a, b, window, preset, reduction, need)
+    out, coef = ops.lncc_forward(*args)
+    up = torch.ones(()) if reduction != "none" else inputs(out.shape, seed=seed)[0]
+    g = grad_of_cc(up.to(out.dtype), a, REDUCTIONS_CODE[reduction])
+    ga, gb = ops.lncc_backward(g, a, b, coef, *args[2:6], *need)
+    return out, ga, gb
+
+
+def correlated(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(shape, generator=g, dtype=torch.float64)
+    b = 0.6 * a + 0.4 * torch.rand(shape, generator=g, dtype=torch.float64)
+    return a.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("reduction", REDUCTIONS_CODE)
+def test_lncc_presets_and_reductions(cuda_emulated, preset, reduction):
+    """Three volumes (one launch slice each along grid z), W and H not multiples of the 32 x 8
+    tile; the forward's coefficient maps and the gradients of each input alone."""
+    a, b = correlated((3, 1, 9, 10, 35))
+    for need in ((True, True), (True, False), (False, True)):
+        got = lncc_grads(cuda_emulated, a, b, 5, preset, reduction, need)
+        want = lncc_grads(CPU, a, b, 5, preset, reduction, need)
+        check(got, want, torch.float32, f"{preset} {reduction} {need}")
+
+
+@pytest.mark.parametrize("window", [1, 3, 7, 9, 11, 13, 15])
+def test_lncc_windows(cuda_emulated, window):
+    a, b = correlated((1, 2, 9, 11, 12))
+    check(lncc_grads(cuda_emulated, a, b, window), lncc_grads(CPU, a, b, window), torch.float32,
+          f"window {window}")
+
+
+@pytest.mark.parametrize("window", [3, 9, 15])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lncc_partial_tiles_and_depth_chunks(cuda_emulated, window, reduction):
+    """Partial tiles past the first along W and H, and a depth of 41 that the plan for 132 SMs
+    splits into uneven chunks (for K = 3: 6 chunks of 7, the last 6 deep), against float64."""
+    a, b = correlated((1, 2, 41, 19, 45))
+    got = lncc_grads(cuda_emulated, a, b, window, reduction=reduction)
+    ref = lncc_grads(CPU, a.double(), b.double(), window, reduction=reduction)
+    check(got, [r.to(g.dtype) for g, r in zip(got, ref, strict=True)], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_lncc_half_inputs(cuda_emulated, dtype):
+    a, b = correlated((2, 1, 8, 9, 33), dtype)
+    check(lncc_grads(cuda_emulated, a, b, 5, reduction="none"),
+          lncc_grads(CPU, a, b, 5, reduction="none"), dtype)
+
+
+def torch_lncc(a, b, reduction):
+    """Value and gradients of the reference lncc (window 9, gvsl) by autograd."""
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    out = reference.lncc(a, b, 9, reduction=reduction)
+    up = torch.ones(()) if reduction != "none" else inputs(out.shape, seed=1)[0].to(out.dtype)
+    return (out.detach(), *torch.autograd.grad(out, (a, b), up))
+
+
+@pytest.mark.parametrize("offset", [10.0, 100.0])
+def test_lncc_intensity_offset(cuda_emulated, offset):
+    """Raw-scanner-like offsets: at least as accurate as the float32 reference against float64
+    (tests/test_lncc.py::test_intensity_offset; on an H100 in session 1 the CUDA backend missed
+    this, with float running sums)."""
+    a, b = (x + offset for x in correlated((1, 2, 12, 13, 14)))
+    got = lncc_grads(cuda_emulated, a, b, 9)
+    ref32, ref = torch_lncc(a, b, "mean"), torch_lncc(a.double(), b.double(), "mean")
+    for name, x, x32, r in zip(("value", "grad a", "grad b"), got, ref32, ref, strict=True):
+        err, err32 = rel_err(x, r), rel_err(x32, r)
+        assert err <= max(err32, tolerance("cuda", torch.float32)), (name, err, err32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lncc_constant_after_variation(cuda_emulated, reduction):
+    """Constant blocks that the running sums reach only after varying data (powers of two, so
+    exact in float32 products): the double running sums leave no drift for cross / eps to blow
+    up (tests/test_lncc.py::test_constant_after_variation)."""
+    a, b = correlated((1, 2, 12, 14, 16))
+    a[:, :, 7:] = 0.25
+    a[:, :, :, 8:] = 0.25
+    a[:, :, :, :, 9:] = 0.25
+    b[:, 1, :, :, 10:] = 0.5
+    got = lncc_grads(cuda_emulated, a, b, 9, reduction=reduction)
+    ref = torch_lncc(a.double(), b.double(), reduction)
+    check(got, [r.to(g.dtype) for g, r in zip(got, ref, strict=True)], torch.float32)
+
+
+def test_lncc_reduction_is_reproducible(cuda_emulated):
+    """The loss: per-block partials (shuffles, then warp 0) summed in a fixed order."""
+    a, b = correlated((2, 2, 12, 13, 14))
+    args = lncc_args(a, b, 5, need=(False, False))
+    first = cuda_emulated.lncc_forward(*args)[0]
+    assert all(torch.equal(first, cuda_emulated.lncc_forward(*args)[0]) for _ in range(2))
+
+
+def test_lncc_rejects_windows_over_15(cuda_emulated):
+    a, b = correlated((1, 1, 4, 5, 6))
+    with pytest.raises(RuntimeError, match="odd windows up to 15"):
+        cuda_emulated.lncc_forward(*lncc_args(a, b, 17))
