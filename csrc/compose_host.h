@@ -18,6 +18,7 @@ inline void check_compose_inputs(const at::Tensor& theta, const at::Tensor& flow
   TORCH_CHECK(image.dim() == 5 && image.size(0) == flow.size(0) &&
                   image.sizes().slice(2) == flow.sizes().slice(2),
               "compose: image must be (B, C, D, H, W) with flow's B, D, H, W");
+  TORCH_CHECK(flow.numel() > 0 && image.numel() > 0, "compose: empty flow or image");
   TORCH_CHECK(theta.dim() == 3 && theta.size(0) == flow.size(0) && theta.size(1) == 3 &&
                   theta.size(2) == 4 && theta.is_contiguous(),
               "compose: theta must be a contiguous (B, 3, 4) tensor");

@@ -39,6 +39,7 @@ inline at::Tensor empty_if_undefined(const at::Tensor& t, const at::Tensor& like
 
 inline void check_common(const at::Tensor& image, const at::Tensor& pos, const char* pos_name) {
   TORCH_CHECK(image.dim() == 5, "gvsl_fast: image must be (B, C, D, H, W)");
+  TORCH_CHECK(image.numel() > 0, "gvsl_fast: image is empty");
   TORCH_CHECK(pos.device() == image.device(), "gvsl_fast: ", pos_name, " and image devices differ");
   TORCH_CHECK(pos.scalar_type() == image.scalar_type(), "gvsl_fast: ", pos_name,
               " and image dtypes differ");
@@ -56,6 +57,7 @@ inline void check_grid(const at::Tensor& image, const at::Tensor& grid) {
   check_common(image, grid, "grid");
   TORCH_CHECK(grid.dim() == 5 && grid.size(4) == 3,
               "gvsl_fast.grid_sample: grid must be (B, D', H', W', 3)");
+  TORCH_CHECK(grid.numel() > 0, "gvsl_fast.grid_sample: grid is empty");
 }
 
 template <typename S> FlowSource<S> flow_source(const at::Tensor& flow, at::Tensor* grad) {
@@ -90,6 +92,7 @@ GridSource<S> grid_source(const at::Tensor& grid, at::Tensor* grad, const at::Te
 
 inline void check_theta(const at::Tensor& image, const at::Tensor& theta) {
   TORCH_CHECK(image.dim() == 5, "gvsl_fast.affine_warp: image must be (B, C, D, H, W)");
+  TORCH_CHECK(image.numel() > 0, "gvsl_fast.affine_warp: image is empty");
   TORCH_CHECK(theta.device() == image.device(), "gvsl_fast.affine_warp: theta/image devices");
   TORCH_CHECK(theta.scalar_type() == image.scalar_type(), "gvsl_fast.affine_warp: dtypes differ");
   TORCH_CHECK(theta.dim() == 3 && theta.size(0) == image.size(0) && theta.size(1) == 3 &&

@@ -252,3 +252,33 @@ def test_lncc_rejects_windows_over_15(cuda_emulated):
     a, b = correlated((1, 1, 4, 5, 6))
     with pytest.raises(RuntimeError, match="odd windows up to 15"):
         cuda_emulated.lncc_forward(*lncc_args(a, b, 17))
+
+
+# ---- direct calls with bad input -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 4, 5, 6), (2, 0, 4, 5, 6), (2, 2, 0, 5, 6)],
+                         ids=["batch", "channels", "depth"])
+@pytest.mark.parametrize("ops", ["cuda_emulated", "cpu"])
+def test_empty_inputs_are_errors(request, ops, shape):
+    """The Python API rejects empty tensors; the ops called directly (torch.ops.gvsl_fast.*)
+    raise too, where they divided by zero, indexed past empty buffers or launched empty grids."""
+    ops = request.getfixturevalue("cuda_emulated") if ops == "cuda_emulated" else CPU
+    image = torch.randn(shape)
+    flow = torch.randn(shape[0], 3, *shape[2:])
+    theta = torch.eye(3, 4).repeat(shape[0], 1, 1)
+    grid = torch.zeros(shape[0], *shape[2:], 3)
+    calls = [
+        lambda: ops.warp_forward(image, flow, 0, 0, False),
+        lambda: ops.warp_backward(image, image, flow, 0, 0, True, True, True),
+        lambda: ops.grid_sample_backward(image, image, grid, 0, 0, False, True, True, True),
+        lambda: ops.affine_warp_backward(image, image, theta, 0, False, False, True, True),
+        *([lambda: ops.compose_bwd(flow, theta, flow, False, 0, True, True)]
+          if flow.numel() == 0 else []),  # compose has no image
+        lambda: ops.affine_flow_warp_bwd(image, image, theta, flow, False, 0, True, True, True),
+        *(lambda r=r: ops.lncc_forward(*lncc_args(image, image, 5, reduction=r))
+          for r in REDUCTIONS_CODE),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="empty"):
+            call()

@@ -178,6 +178,7 @@ struct Geometry {
 
 Geometry check_inputs(const at::Tensor& a, const at::Tensor& b, int64_t window) {
   TORCH_CHECK(a.dim() == 5 && a.sizes() == b.sizes(), "lncc: a and b must be 5-D with one shape");
+  TORCH_CHECK(a.numel() > 0, "lncc: a and b are empty");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "lncc: a and b must have one dtype");
   TORCH_CHECK(window >= 1 && window % 2 == 1, "lncc: window must be odd, got ", window);
   return {a.size(0), a.size(1), a.size(2), a.size(3), a.size(4), int(window)};

@@ -383,6 +383,7 @@ Problem check_inputs(const at::Tensor& a, const at::Tensor& b, int64_t window, d
   TORCH_CHECK(a.device().type() == gvsl::cuda::kDevice && a.device() == b.device(),
               "lncc: a and b must be on one CUDA device");
   TORCH_CHECK(a.dim() == 5 && a.sizes() == b.sizes(), "lncc: a and b must be 5-D with one shape");
+  TORCH_CHECK(a.numel() > 0, "lncc: a and b are empty");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "lncc: a and b must have one dtype");
   TORCH_CHECK(window >= 1 && window % 2 == 1 && window <= MAX_WINDOW,
               "lncc: the CUDA kernels support odd windows up to ", MAX_WINDOW, ", got ", window);
