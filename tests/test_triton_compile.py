@@ -1,8 +1,10 @@
 """The Triton kernels compile for an H100 (sm_90) with Triton's own compiler and ptxas, no GPU
 needed. The interpreter that runs them in CI accepts code the compiler rejects (session 1 met
 such an error only on the GPU), so every launch a small run of each op makes under the
-interpreter is recorded (kernel, argument types, constexprs) and compiled in a fresh process
-without it. On a GPU machine the other tests compile every kernel for real instead."""
+interpreter is recorded and compiled in a fresh process without it: the kernel, its constexprs,
+and its arguments specialized as Triton's launcher specializes them on a GPU (integers equal to 1
+become constants; integers and pointers divisible by 16 carry that hint). On a GPU machine the
+other tests compile every kernel for real instead."""
 
 from __future__ import annotations
 
@@ -22,15 +24,11 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
     reason="runs where the Triton kernels are interpreted (no GPU)")
 
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-          torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.int8: "i8",
-          torch.uint8: "u8", torch.bool: "i1"}
-
 # Compiles one recorded launch per line of stdin for sm_90; prints how many compiled.
 _COMPILE = """
 import importlib, json, sys
 import triton
-from triton.backends.compiler import GPUTarget
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 target = GPUTarget("cuda", 90, 32)
 done = 0
@@ -40,8 +38,9 @@ for line in sys.stdin:
     names = fn.arg_names
     sig = {n: spec["sig"].get(n, "constexpr") for n in names}
     const = {(names.index(n),): v for n, v in spec["const"].items()}
+    attrs = {(names.index(n),): BaseBackend.parse_attr(a) for n, a in spec["attrs"].items()}
     try:
-        triton.compile(ASTSource(fn, sig, const), target=target)
+        triton.compile(ASTSource(fn, sig, const, attrs), target=target)
     except Exception as e:
         sys.exit(f"{spec['module']}.{spec['name']} {spec['const']}: {type(e).__name__}: {e}")
     done += 1
@@ -50,23 +49,28 @@ print(done)
 
 
 def _spec(fn, args, kwargs) -> dict:
-    """Kernel name, argument types and constexpr values of one launch."""
+    """Kernel name, argument types, constexprs and specialization hints of one launch, as
+    Triton's launcher derives them (triton.runtime.jit: native_specialize_impl)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
     params = inspect.signature(fn).parameters
     bound = dict(zip(params, args, strict=False)) | kwargs
-    sig, const = {}, {}
+    sig, const, attrs = {}, {}, {}
     for name, p in params.items():
         value = bound[name]
         if "constexpr" in str(p.annotation):
             const[name] = value
-        elif isinstance(value, torch.Tensor):
-            sig[name] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        elif isinstance(value, int):
-            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        else:
-            sig[name] = "fp32"
-    return {"module": fn.__module__, "name": fn.__qualname__, "sig": sig, "const": const}
+            continue
+        kind, hint = native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":  # an integer equal to 1
+            const[name] = value
+            continue
+        sig[name] = kind
+        if hint:
+            attrs[name] = hint
+    return {"module": fn.__module__, "name": fn.__qualname__, "sig": sig, "const": const,
+            "attrs": attrs}
 
 
 def _exercise_samplers() -> None:
