@@ -58,6 +58,7 @@ struct Block {
 
 inline Block* g_block = nullptr;
 inline std::mutex g_launch;  // one emulated launch at a time (the statics are its shared memory)
+inline std::vector<std::unique_ptr<char[]>> g_stacks;  // a fiber stack per thread of a block
 inline unsigned long long g_order_seed = 0x9e3779b97f4a7c15ull;
 constexpr size_t kStackBytes = 256 * 1024;
 
@@ -83,13 +84,13 @@ inline void fiber_main() {
 }
 
 // Resumes fibers until all are done; releases warp barriers, then block barriers.
-inline void run_block(Block& b, std::vector<std::unique_ptr<char[]>>& stacks) {
+inline void run_block(Block& b) {
   const int n = int(b.fibers.size());
   for (int i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
     f.state = State::kReady;
     getcontext(&f.context);
-    f.context.uc_stack.ss_sp = stacks[i].get();
+    f.context.uc_stack.ss_sp = g_stacks[i].get();
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = &b.scheduler;
     makecontext(&f.context, fiber_main, 0);
@@ -144,8 +145,7 @@ template <typename Body> void launch(dim3 grid, dim3 block, Body&& body) {
               "CUDA emulation: invalid configuration argument (grid ", grid.x, " x ", grid.y,
               " x ", grid.z, ")");
   const std::lock_guard<std::mutex> lock(g_launch);
-  static std::vector<std::unique_ptr<char[]>> stacks;
-  while (stacks.size() < size_t(n)) stacks.emplace_back(new char[kStackBytes]);
+  while (g_stacks.size() < size_t(n)) g_stacks.emplace_back(new char[kStackBytes]);
   Block b;
   b.fibers.resize(n);
   b.body = body;
@@ -159,7 +159,7 @@ template <typename Body> void launch(dim3 grid, dim3 block, Body&& body) {
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = dim3(x, y, z);
-        run_block(b, stacks);
+        run_block(b);
       }
 }
 
