@@ -181,9 +181,12 @@ def test_lncc_presets_and_reductions(cuda_emulated, preset, reduction):
 
 @pytest.mark.parametrize("window", [1, 3, 7, 9, 11, 13, 15])
 def test_lncc_windows(cuda_emulated, window):
+    """Every window the CUDA kernels take (a template each), with both inputs needing gradients
+    (7 coefficient maps) and with only the first (4 maps: GVSL's case, the warped image)."""
     a, b = correlated((1, 2, 9, 11, 12))
-    check(lncc_grads(cuda_emulated, a, b, window), lncc_grads(CPU, a, b, window), torch.float32,
-          f"window {window}")
+    for need in ((True, True), (True, False)):
+        check(lncc_grads(cuda_emulated, a, b, window, need=need),
+              lncc_grads(CPU, a, b, window, need=need), torch.float32, f"window {window} {need}")
 
 
 @pytest.mark.parametrize("window", [3, 9, 15])
