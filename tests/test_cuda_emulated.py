@@ -11,9 +11,15 @@ CUDA build do not replace a GPU run either."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from common import HALF, rel_err, tolerance
+from conftest import EMULATE_ASAN
 
 from gvsl_fast.ops import reference
 from gvsl_fast.ops.lncc import PRESETS, REDUCTIONS_CODE, grad_of_cc
@@ -285,3 +291,38 @@ def test_empty_inputs_are_errors(request, ops, shape):
     for call in calls:
         with pytest.raises(RuntimeError, match="empty"):
             call()
+
+
+# ---- out-of-bounds accesses ------------------------------------------------------------------
+
+
+def _runtime(name: str) -> str | None:
+    """The C++ compiler's copy of a runtime library (libasan.so, libstdc++.so.6), or None."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+@pytest.mark.skipif(os.environ.get(EMULATE_ASAN) == "1", reason="this is the ASan run")
+def test_no_out_of_bounds_access_under_address_sanitizer(tmp_path):
+    """Every other test of this file again, in a subprocess with the emulation built with
+    AddressSanitizer and libasan preloaded (with libstdc++ first, or C++ exceptions abort):
+    every torch CPU tensor then has redzones, so a kernel that reads or writes past a tensor (an
+    unguarded tail thread, a halo load without its bounds check) stops the run with a report.
+    ASan warns that it does not fully support swapcontext; no false positive has shown up."""
+    libasan, libstdcxx = _runtime("libasan.so"), _runtime("libstdc++.so.6")
+    if libasan is None or libstdcxx is None:
+        pytest.skip("the C++ compiler has no libasan")
+    env = dict(os.environ, **{EMULATE_ASAN: "1", "LD_PRELOAD": f"{libasan} {libstdcxx}",
+                              "ASAN_OPTIONS": f"detect_leaks=0:log_path={tmp_path / 'asan'}"})
+    here = Path(__file__)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", str(here)], cwd=here.parents[1],
+                         env=env, capture_output=True, text=True, timeout=3600)
+    reports = "".join(p.read_text() for p in tmp_path.glob("asan*"))
+    assert "ERROR: AddressSanitizer" not in reports, reports[-6000:]
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]
