@@ -82,3 +82,11 @@ def fast_backends() -> list[tuple[str, str]]:
 
 def backend_ids(pairs) -> list[str]:
     return [f"{d}-{b}" for d, b in pairs]
+
+
+def volumes(shape, device="cpu", dtype=torch.float32, seed=0):
+    """Two correlated random volumes (lncc's inputs), drawn in float64 and then cast."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(shape, generator=g, dtype=torch.float64)
+    b = (0.6 * a + 0.4 * torch.rand(shape, generator=g, dtype=torch.float64))  # correlated
+    return a.to(device, dtype), b.to(device, dtype)

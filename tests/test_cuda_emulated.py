@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import HALF, rel_err, tolerance
+from common import HALF, rel_err, tolerance, volumes
 from conftest import EMULATE_ASAN
 
 from gvsl_fast.ops import reference
@@ -166,19 +166,12 @@ def lncc_grads(ops, a, b, window, preset="gvsl", reduction="mean", need=(True, T
     return out, ga, gb
 
 
-def correlated(shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.rand(shape, generator=g, dtype=torch.float64)
-    b = 0.6 * a + 0.4 * torch.rand(shape, generator=g, dtype=torch.float64)
-    return a.to(dtype), b.to(dtype)
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("reduction", REDUCTIONS_CODE)
 def test_lncc_presets_and_reductions(cuda_emulated, preset, reduction):
     """Three volumes (one launch slice each along grid z), W and H not multiples of the 32 x 8
     tile; the forward's coefficient maps and the gradients of each input alone."""
-    a, b = correlated((3, 1, 9, 10, 35))
+    a, b = volumes((3, 1, 9, 10, 35))
     for need in ((True, True), (True, False), (False, True)):
         got = lncc_grads(cuda_emulated, a, b, 5, preset, reduction, need)
         want = lncc_grads(CPU, a, b, 5, preset, reduction, need)
@@ -189,7 +182,7 @@ def test_lncc_presets_and_reductions(cuda_emulated, preset, reduction):
 def test_lncc_windows(cuda_emulated, window):
     """Every window the CUDA kernels take (a template each), with both inputs needing gradients
     (7 coefficient maps) and with only the first (4 maps: GVSL's case, the warped image)."""
-    a, b = correlated((1, 2, 9, 11, 12))
+    a, b = volumes((1, 2, 9, 11, 12))
     for need in ((True, True), (True, False)):
         check(lncc_grads(cuda_emulated, a, b, window, need=need),
               lncc_grads(CPU, a, b, window, need=need), torch.float32, f"window {window} {need}")
@@ -200,7 +193,7 @@ def test_lncc_windows(cuda_emulated, window):
 def test_lncc_partial_tiles_and_depth_chunks(cuda_emulated, window, reduction):
     """Partial tiles past the first along W and H, and a depth of 41 that the plan for 132 SMs
     splits into uneven chunks (for K = 3: 6 chunks of 7, the last 6 deep), against float64."""
-    a, b = correlated((1, 2, 41, 19, 45))
+    a, b = volumes((1, 2, 41, 19, 45))
     got = lncc_grads(cuda_emulated, a, b, window, reduction=reduction)
     ref = lncc_grads(CPU, a.double(), b.double(), window, reduction=reduction)
     check(got, [r.to(g.dtype) for g, r in zip(got, ref, strict=True)], torch.float32)
@@ -208,7 +201,7 @@ def test_lncc_partial_tiles_and_depth_chunks(cuda_emulated, window, reduction):
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_lncc_half_inputs(cuda_emulated, dtype):
-    a, b = correlated((2, 1, 8, 9, 33), dtype)
+    a, b = volumes((2, 1, 8, 9, 33), dtype=dtype)
     check(lncc_grads(cuda_emulated, a, b, 5, reduction="none"),
           lncc_grads(CPU, a, b, 5, reduction="none"), dtype)
 
@@ -226,7 +219,7 @@ def test_lncc_intensity_offset(cuda_emulated, offset):
     """Raw-scanner-like offsets: at least as accurate as the float32 reference against float64
     (tests/test_lncc.py::test_intensity_offset; on an H100 in session 1 the CUDA backend missed
     this, with float running sums)."""
-    a, b = (x + offset for x in correlated((1, 2, 12, 13, 14)))
+    a, b = (x + offset for x in volumes((1, 2, 12, 13, 14)))
     got = lncc_grads(cuda_emulated, a, b, 9)
     ref32, ref = torch_lncc(a, b, "mean"), torch_lncc(a.double(), b.double(), "mean")
     for name, x, x32, r in zip(("value", "grad a", "grad b"), got, ref32, ref, strict=True):
@@ -239,7 +232,7 @@ def test_lncc_constant_after_variation(cuda_emulated, reduction):
     """Constant blocks that the running sums reach only after varying data (powers of two, so
     exact in float32 products): the double running sums leave no drift for cross / eps to blow
     up (tests/test_lncc.py::test_constant_after_variation)."""
-    a, b = correlated((1, 2, 12, 14, 16))
+    a, b = volumes((1, 2, 12, 14, 16))
     a[:, :, 7:] = 0.25
     a[:, :, :, 8:] = 0.25
     a[:, :, :, :, 9:] = 0.25
@@ -251,14 +244,14 @@ def test_lncc_constant_after_variation(cuda_emulated, reduction):
 
 def test_lncc_reduction_is_reproducible(cuda_emulated):
     """The loss: per-block partials (shuffles, then warp 0) summed in a fixed order."""
-    a, b = correlated((2, 2, 12, 13, 14))
+    a, b = volumes((2, 2, 12, 13, 14))
     args = lncc_args(a, b, 5, need=(False, False))
     first = cuda_emulated.lncc_forward(*args)[0]
     assert all(torch.equal(first, cuda_emulated.lncc_forward(*args)[0]) for _ in range(2))
 
 
 def test_lncc_rejects_windows_over_15(cuda_emulated):
-    a, b = correlated((1, 1, 4, 5, 6))
+    a, b = volumes((1, 1, 4, 5, 6))
     with pytest.raises(RuntimeError, match="odd windows up to 15"):
         cuda_emulated.lncc_forward(*lncc_args(a, b, 17))
 

@@ -9,20 +9,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from common import HALF, backend_ids, fast_backends, rel_err, tolerance
+from common import HALF, backend_ids, fast_backends, rel_err, tolerance, volumes
 
 from gvsl_fast.ops import NCC, LocalNormalizedCrossCorrelationLoss, _backend, lncc, reference
 
 BACKENDS = fast_backends()
 PRESETS = ("gvsl", "voxelmorph", "monai")
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def volumes(shape, device, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.rand(shape, generator=g, dtype=torch.float64)
-    b = (0.6 * a + 0.4 * torch.rand(shape, generator=g, dtype=torch.float64))  # correlated
-    return a.to(device, dtype), b.to(device, dtype)
 
 
 def run(fn, a, b, reduction, need_b=True, seed=1):

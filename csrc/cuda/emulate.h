@@ -10,7 +10,8 @@
 // release, in a fresh pseudo-random order, so atomics add in an order that changes from launch
 // to launch, as on a GPU. What a GPU would make undefined or fatal raises instead: threads
 // stuck at different barriers (a divergent __syncthreads), a shuffle with lanes that have
-// exited, and launches past the limits (1024 threads a block; grid axes y and z 65535 blocks).
+// exited, and launches past the limits (1024 threads a block; grid axes y and z as the caller
+// says: 65535 blocks).
 #pragma once
 
 #include <c10/core/Device.h>
@@ -137,11 +138,11 @@ inline void run_block(Block& b) {
   }
 }
 
-// Runs body() as every thread of every block of `grid`.
-template <typename Body> void launch(dim3 grid, dim3 block, Body&& body) {
+// Runs body() as every thread of every block of `grid` (axes y and z at most `max_yz` blocks).
+template <typename Body> void launch(dim3 grid, dim3 block, unsigned max_yz, Body&& body) {
   const long n = long(block.x) * block.y * block.z;
   TORCH_CHECK(n >= 1 && n <= 1024 && block.z <= 64, "CUDA emulation: invalid block size");
-  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.y <= 65535 && grid.z <= 65535,
+  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.y <= max_yz && grid.z <= max_yz,
               "CUDA emulation: invalid configuration argument (grid ", grid.x, " x ", grid.y,
               " x ", grid.z, ")");
   const std::lock_guard<std::mutex> lock(g_launch);

@@ -29,6 +29,8 @@
 
 namespace gvsl::cuda {
 
+constexpr unsigned kGridYZLimit = 65535;  // the GPU's gridDim.y and gridDim.z
+
 #ifdef GVSL_CUDA_EMULATE
 // Host fibers (the launch checks the GPU's limits); slices of 2 rows, so that the tests' small
 // batches take several launches.
@@ -39,11 +41,17 @@ inline int multiprocessors() { return 132; }  // an H100 SXM, for lncc's depth c
 
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
-  emulate::launch(grid, block, [&] { kernel(args...); });
+  emulate::launch(grid, block, kGridYZLimit, [&] { kernel(args...); });
+}
+
+// The emulated library has no schemas of its own: each op is defined from its C++ signature.
+#define GVSL_CUDA_LIBRARY(m) TORCH_LIBRARY_FRAGMENT(gvsl_fast_cuda_emulated, m)
+template <typename F> void register_op(torch::Library& m, const char* name, F* fn) {
+  m.def(name, fn);
 }
 #else
 constexpr at::DeviceType kDevice = at::kCUDA;
-constexpr unsigned kMaxGridYZ = 65535;  // gridDim.y and gridDim.z
+constexpr unsigned kMaxGridYZ = kGridYZLimit;
 using DeviceGuard = c10::cuda::CUDAGuard;  // launch on the inputs' device and stream
 inline int multiprocessors() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -55,6 +63,11 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
   kernel<<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(std::forward<A>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+#define GVSL_CUDA_LIBRARY(m) TORCH_LIBRARY_IMPL(gvsl_fast, CUDA, m)
+template <typename F> void register_op(torch::Library& m, const char* name, F* fn) {
+  m.impl(name, fn);
+}
 #endif
 
 // Launches `count` rows of blocks on grid axis y or z in slices of at most kMaxGridYZ:
@@ -63,18 +76,5 @@ template <class Launch> void in_grid_slices(unsigned count, Launch&& launch) {
   for (unsigned first = 0; first < count; first += kMaxGridYZ)
     launch(std::min(kMaxGridYZ, count - first), int(first));
 }
-
-#ifdef GVSL_CUDA_EMULATE
-// The emulated library has no schemas of its own: each op is defined from its C++ signature.
-#define GVSL_CUDA_LIBRARY(m) TORCH_LIBRARY_FRAGMENT(gvsl_fast_cuda_emulated, m)
-template <typename F> void register_op(torch::Library& m, const char* name, F* fn) {
-  m.def(name, fn);
-}
-#else
-#define GVSL_CUDA_LIBRARY(m) TORCH_LIBRARY_IMPL(gvsl_fast, CUDA, m)
-template <typename F> void register_op(torch::Library& m, const char* name, F* fn) {
-  m.impl(name, fn);
-}
-#endif
 
 }  // namespace gvsl::cuda

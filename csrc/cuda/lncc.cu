@@ -337,10 +337,11 @@ Launch plan(int64_t BC, int64_t D, int64_t H, int64_t W, int k) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(want, D / (2 * k)));
   const int64_t chunk = (D + chunks - 1) / chunks;
   const int64_t used = (D + chunk - 1) / chunk;
-  // grid.z counts every (volume, chunk) block row; launch_box() splits it into slices of at most
-  // kMaxGridYZ (the gridDim.z limit)
+  // grid.z counts every (volume, chunk) block row; launch_box() splits it into slices that fit
+  // the gridDim.z limit; grid.y (rows of tiles along H) is not split
   TORCH_CHECK(BC * used <= INT32_MAX, "lncc: too many volumes for one launch");
-  TORCH_CHECK((H + TH - 1) / TH <= 65535, "lncc: H over ", 65535 * TH, " on CUDA");
+  TORCH_CHECK((H + TH - 1) / TH <= gvsl::cuda::kGridYZLimit, "lncc: H over ",
+              gvsl::cuda::kGridYZLimit * TH, " on CUDA");
   return {dim3((W + TW - 1) / TW, (H + TH - 1) / TH, BC * used), int(used), int(chunk)};
 }
 
