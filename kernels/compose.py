@@ -4,7 +4,8 @@ One program handles ``BLOCK`` output voxels of one batch item: ``p_hat`` from th
 affine map (computed once per batch item on the host, rounded as the reference's, so the
 identity ``theta`` maps every voxel exactly onto itself), ``q = p_hat + flow(p_hat)``, then
 ``psi = q - p`` (compose) or ``image(q)`` (affine_flow_warp). Backward: the gradient at ``q``
-(given, or gathered from the image), atomics for the scatters into fp32 buffers, and
+(given, or gathered from the image), atomics for the scatters into fp32 buffers (or, with
+``deterministic``, int64 fixed-point buffers: integer sums do not depend on the order), and
 per-program partial sums of the centred index-space moments ``sum g (p - centre)^T`` and
 ``sum g`` that a fixed-order sum and the chain rule through the map turn into ``d theta``. Loads
 upcast to fp32; arithmetic is fp32. The axis, voxel, map and moment helpers (device) and the map
@@ -25,6 +26,7 @@ from gvsl_fast.kernels.warp import (
     _wide,
     affine_maps,
     batch_launches,
+    fixed_point_scale,
     on_device,
     theta_grad,
     wide_indices,
@@ -67,16 +69,20 @@ def _sample(ptr, sd, sh, sw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv
 
 
 @triton.jit
-def _scatter(ptr, sd, sh, sw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv1, value, mask):
-    """Adjoint of _sample: adds value * weight to the corners inside the volume."""
+def _scatter(ptr, sd, sh, sw, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv1, value, mask,
+             scale, FIXED: tl.constexpr):
+    """Adjoint of _sample: adds value * weight to the corners inside the volume (with FIXED,
+    rounded to int64 after multiplying by scale)."""
     for i in tl.static_range(2):
         id_, wd, vd = _corner(di, df, dv0, dv1, i)
         for j in tl.static_range(2):
             ih, wh, vh = _corner(hi, hf, hv0, hv1, j)
             for k in tl.static_range(2):
                 iw, ww, vw = _corner(wi, wf, wv0, wv1, k)
-                tl.atomic_add(ptr + id_ * sd + ih * sh + iw * sw, wd * wh * ww * value,
-                              mask=mask & vd & vh & vw)
+                x = wd * wh * ww * value
+                if FIXED:
+                    x = tl.floor(x * scale + 0.5).to(tl.int64)
+                tl.atomic_add(ptr + id_ * sd + ih * sh + iw * sw, x, mask=mask & vd & vh & vw)
 
 
 @triton.jit
@@ -117,11 +123,13 @@ def _forward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc, 
 
 @triton.jit
 def _backward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc, isd, ish, isw,
-                     g_ptr, gsb, gsc, gsd, gsh, gsw, dimage_ptr, dflow_ptr, part_ptr, C, D, H, W,
-                     b0, BORDER: tl.constexpr, WARP: tl.constexpr, NEED_IMAGE: tl.constexpr,
-                     NEED_THETA: tl.constexpr, NEED_FLOW: tl.constexpr, WIDE: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     g_ptr, gsb, gsc, gsd, gsh, gsw, dimage_ptr, dflow_ptr, part_ptr, scale_ptr,
+                     C, D, H, W, b0, BORDER: tl.constexpr, WARP: tl.constexpr,
+                     NEED_IMAGE: tl.constexpr, NEED_THETA: tl.constexpr, NEED_FLOW: tl.constexpr,
+                     FIXED: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(1).to(tl.int64) + b0
+    si = tl.load(scale_ptr)  # fixed-point scales of d image and d flow (1 when not FIXED)
+    sf = tl.load(scale_ptr + 1)
     d, h, w, mask = _decode(tl.program_id(0), BLOCK, D, H, W, WIDE)
     N = D * H * W
     pd, ph, pw = _affine_position(map_ptr + b * 12, d, h, w)
@@ -155,18 +163,19 @@ def _backward_kernel(map_ptr, fl_ptr, fsb, fsc, fsd, fsh, fsw, im_ptr, isb, isc,
                 gqw += gc * jw * qdc_w
             if NEED_IMAGE:
                 _scatter(dimage_ptr + (b * C + chan) * N, H * W, W, 1, qdi, qdf, qdv0, qdv1, qhi,
-                         qhf, qhv0, qhv1, qwi, qwf, qwv0, qwv1, gc, mask)
+                         qhf, qhv0, qhv1, qwi, qwf, qwv0, qwv1, gc, mask, si, FIXED)
     else:
         gqd = tl.load(go, mask=mask, other=0.0).to(tl.float32)
         gqh = tl.load(go + gsc, mask=mask, other=0.0).to(tl.float32)
         gqw = tl.load(go + gsc + gsc, mask=mask, other=0.0).to(tl.float32)
     if NEED_FLOW:
         df_b = dflow_ptr + b * 3 * N
-        _scatter(df_b, H * W, W, 1, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv1, gqd, mask)
+        _scatter(df_b, H * W, W, 1, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv1, gqd,
+                 mask, sf, FIXED)
         _scatter(df_b + N, H * W, W, 1, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv1, gqh,
-                 mask)
+                 mask, sf, FIXED)
         _scatter(df_b + N + N, H * W, W, 1, di, df, dv0, dv1, hi, hf, hv0, hv1, wi, wf, wv0, wv1,
-                 gqw, mask)
+                 gqw, mask, sf, FIXED)
     if NEED_THETA:
         # dL/dp_hat = g + J^T g, J the Jacobian of flow at p_hat
         gpd, gph, gpw = gqd, gqh, gqw
@@ -213,25 +222,44 @@ def forward(theta: torch.Tensor, flow: torch.Tensor, image: torch.Tensor | None,
 
 
 def backward(grad: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor,
-             image: torch.Tensor | None, align_corners: bool, padding: int,
+             image: torch.Tensor | None, align_corners: bool, padding: int, deterministic: bool,
              need: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d image, d theta, d flow) for the needed ones (others empty), in the input dtypes."""
     need_image, need_theta, need_flow = need
     n_prog, head, channels, wide = _launch_args(theta, flow, image, align_corners)
+    fixed = deterministic and (need_image or need_flow)
     f32 = dict(dtype=torch.float32, device=flow.device)
-    dimage = torch.zeros(image.shape if need_image else (1,), **f32)
-    dflow = torch.zeros(flow.shape if need_flow else (1,), **f32)
+    acc = dict(dtype=torch.int64 if fixed else torch.float32, device=flow.device)
+    dimage = torch.zeros(image.shape if need_image else (1,), **acc)
+    dflow = torch.zeros(flow.shape if need_flow else (1,), **acc)
     part = torch.zeros((flow.shape[0], n_prog, 12) if need_theta else (1,), **f32)
+    scales = _fixed_point_scales(grad, image, flow) if fixed else torch.ones(2, **f32)
     with on_device(flow):
         for b0, nb in batch_launches(flow.shape[0]):
             _backward_kernel[(n_prog, nb)](*head, grad, *grad.stride(), dimage, dflow, part,
-                                           channels, *flow.shape[2:], b0, BORDER=padding == 1,
-                                           WARP=image is not None, NEED_IMAGE=need_image,
-                                           NEED_THETA=need_theta, NEED_FLOW=need_flow,
-                                           WIDE=wide, BLOCK=BLOCK)
+                                           scales, channels, *flow.shape[2:], b0,
+                                           BORDER=padding == 1, WARP=image is not None,
+                                           NEED_IMAGE=need_image, NEED_THETA=need_theta,
+                                           NEED_FLOW=need_flow, FIXED=fixed, WIDE=wide,
+                                           BLOCK=BLOCK)
+    if fixed:
+        dimage, dflow = dimage.double() / scales[0].double(), dflow.double() / scales[1].double()
     if need_theta:
         size = tuple(flow.shape[2:])
         dtheta = theta_grad(part.double().sum(1), size, size, align_corners)
     return (dimage.to(flow.dtype) if need_image else flow.new_empty(0),
             dtheta.to(theta.dtype) if need_theta else flow.new_empty(0),
             dflow.to(flow.dtype) if need_flow else flow.new_empty(0))
+
+
+def _fixed_point_scales(grad: torch.Tensor, image: torch.Tensor | None,
+                        flow: torch.Tensor) -> torch.Tensor:
+    """Fixed-point scales of d image and d flow. Each output voxel adds at most its largest
+    scattered value (trilinear weights sum to 1): |grad| to d image; to d flow |dL/dq| <=
+    C * max|grad| * 2 max|image| (a trilinear derivative is a weighted mean of neighbour
+    differences), or max|grad| for compose."""
+    n = flow.shape[2] * flow.shape[3] * flow.shape[4]
+    peak = grad.detach().abs().amax().float()
+    peak_q = peak if image is None else peak * image.detach().abs().amax().float() * (
+        2 * image.shape[1])
+    return torch.cat([fixed_point_scale(peak, n), fixed_point_scale(peak_q, n)])

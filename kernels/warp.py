@@ -305,12 +305,12 @@ def _pos_strides(pos: torch.Tensor, source: int) -> tuple[int, ...]:
     return (0, 0, 0, 0, 0)
 
 
-def _fixed_point_scale(grad_out: torch.Tensor, n_out: int) -> torch.Tensor:
-    """Power-of-two scale so that n_out contributions of at most max|grad_out| fit in int64
-    (capped so that it stays a finite float when grad_out is tiny or zero)."""
-    peak = grad_out.detach().abs().amax().float().clamp_min(1e-30)
-    bits = torch.floor(_FIXED_POINT_BITS - torch.log2(peak * n_out)).clamp_max(120.0)
-    return torch.exp2(bits).reshape(1)
+def fixed_point_scale(peak: torch.Tensor, count: int) -> torch.Tensor:
+    """Power-of-two scale (1 element, on the device: no host sync) so that `count` additions of
+    at most `peak` (a 0-dim bound on |x|) fit in int64; capped so that it stays a finite float
+    when the bound is tiny or zero."""
+    bits = torch.floor(_FIXED_POINT_BITS - torch.log2(peak.clamp_min(1e-30) * count))
+    return torch.exp2(bits.clamp_max(120.0)).reshape(1)
 
 
 def forward(image: torch.Tensor, pos: torch.Tensor, source: int, mode: int, padding: int,
@@ -345,7 +345,9 @@ def backward(grad_out: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, sou
         gpos = torch.empty(B, n_prog, N_MOMENTS, device=image.device, dtype=torch.float32)
     else:
         gpos = torch.empty_like(pos) if pos_grad else pos.new_empty(1)
-    scale = (_fixed_point_scale(grad_out, OD * OH * OW) if image_grad and deterministic
+    # each output voxel adds at most max|grad_out| (trilinear weights sum to 1)
+    scale = (fixed_point_scale(grad_out.detach().abs().amax().float(), OD * OH * OW)
+             if image_grad and deterministic
              else torch.ones(1, device=image.device))
     wide = wide_indices(image, pos, grad_out)
     with on_device(image):

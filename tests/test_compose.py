@@ -4,6 +4,9 @@ saved-derivative affine_flow_warp, torch.compile and bad input."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,6 +221,94 @@ def test_theta_gradient_is_reproducible():
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize(("device", "backend"), BACKENDS, ids=IDS)
+def test_deterministic_gradients(device, backend):
+    """deterministic=True (fixed-point scatters on the GPU backends): the same bits run to run,
+    and the float path's gradients to rounding. theta shrinks the volume to a third, so about
+    27 voxels scatter to each flow corner; the image is large (1e6), so a fixed-point scale
+    bound that left out its size overflows."""
+    theta, flow, image = make_inputs(device, flow_scale=0.5)
+    theta[:, :, :3] *= 0.33
+    image *= 1e6
+    for t in (theta, flow, image):
+        t.requires_grad_()
+    for fn, inputs in ((lambda det: compose(theta, flow, deterministic=det, backend=backend),
+                        [theta, flow]),
+                       (lambda det: affine_flow_warp(image, theta, flow, deterministic=det,
+                                                     backend=backend), [image, theta, flow])):
+        runs = [upstream_grads(fn(True), inputs) for _ in range(3)]
+        for run in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
+        check_close(runs[0], upstream_grads(fn(False), inputs), 1e-5)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch.use_deterministic_algorithms(enabled) inside, the previous setting after."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.skipif(("cpu", "triton") not in BACKENDS, reason="needs Triton (TRITON_INTERPRET=1)")
+def test_deterministic_follows_torch_setting(monkeypatch):
+    """deterministic=None takes torch.are_deterministic_algorithms_enabled(); an explicit bool
+    wins. Seen at the Triton host functions that take the flag, for all five sampling ops
+    (affine_warp's goes through the samplers' backward)."""
+    from gvsl_fast.kernels import compose as compose_kernels
+    from gvsl_fast.kernels import warp as warp_kernels
+    from gvsl_fast.ops import affine_warp, grid_sample, warp
+
+    seen = []
+    for module in (compose_kernels, warp_kernels):
+        real = module.backward
+        signature = inspect.signature(real)
+
+        def spy(*args, real=real, signature=signature, **kwargs):
+            seen.append(signature.bind(*args, **kwargs).arguments["deterministic"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "backward", spy)
+    theta, flow, image = make_inputs("cpu")
+    grid = torch.rand(2, *SIZE, 3) * 2 - 1
+
+    def flags(deterministic):
+        seen.clear()
+        th, fl, im, gr = (t.clone().requires_grad_() for t in (theta, flow, image, grid))
+        outs = [compose(th, fl, deterministic=deterministic, backend="triton"),
+                affine_flow_warp(im, th, fl, deterministic=deterministic, backend="triton"),
+                warp(im, fl, deterministic=deterministic, backend="triton"),
+                grid_sample(im, gr, deterministic=deterministic, backend="triton"),
+                affine_warp(im, th, deterministic=deterministic, backend="triton")]
+        sum(o.float().sum() for o in outs).backward()
+        return seen[:]
+
+    with deterministic_algorithms(False):
+        assert flags(None) == [False] * 5
+        assert flags(True) == [True] * 5
+    with deterministic_algorithms(True):
+        assert flags(None) == [True] * 5
+        assert flags(False) == [False] * 5
+
+
+def test_deterministic_algorithms_setting_runs_on_cpu():
+    """Under torch.use_deterministic_algorithms(True) the CPU ops run (nothing they call
+    raises) and give the gradients they give without it."""
+    theta, flow, image = make_inputs("cpu")
+    for t in (theta, flow, image):
+        t.requires_grad_()
+    runs = []
+    for enabled in (True, False):
+        with deterministic_algorithms(enabled):
+            out = affine_flow_warp(image, theta, flow, backend="cpu")
+            runs.append(upstream_grads(out, [image, theta, flow]))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 def test_cpu_thread_count_does_not_change_results():
     theta, flow, image = make_inputs("cpu", size=(17, 23, 29))
     for t in (theta, flow, image):
@@ -338,6 +429,8 @@ def test_bad_inputs():
         (lambda: compose(theta.to("meta"), flow), ValueError, "`theta` is on meta"),
         (lambda: compose(theta, flow, padding_mode="reflection"), ValueError, "`padding_mode`"),
         (lambda: compose(theta, flow, align_corners=1), TypeError, "`align_corners`"),
+        (lambda: compose(theta, flow, deterministic=1), TypeError,
+         "compose: `deterministic` must be a bool or None"),
         (lambda: compose(theta, flow[:, :, :0]), ValueError, "`flow` is empty"),
         (lambda: compose(theta, flow, backend="gpu"), ValueError, "backend must be one of"),
         (lambda: compose(theta, flow, backend="cuda"), RuntimeError, "needs CUDA tensors"),

@@ -112,7 +112,7 @@ def test_affine_warp(cuda_emulated, padding, align_corners, channels_last, dtype
 
 def test_deterministic_image_gradient_is_bitwise_reproducible(cuda_emulated):
     """deterministic=True: the image gradient's fixed-point atomics give the same bits whatever
-    order the (real, racing) host threads add in; many flows land on few voxels."""
+    order the threads add in; many flows land on few voxels."""
     image, flow = inputs((BATCH, 2, 6, 7, 9), (BATCH, 3, 6, 7, 9), scale=0.3)
     go = inputs(image.shape, seed=3)[0]
     args = (go, image, flow, 0, 0, True, True, False)
@@ -129,21 +129,53 @@ def test_compose_and_affine_flow_warp(cuda_emulated, padding, align_corners, cha
     image, flow = inputs((BATCH, 2, 6, 7, 9), (BATCH, 3, 6, 7, 9), dtype=dtype,
                          channels_last=channels_last, scale=2.0)
     theta = near_identity(BATCH, 0.15).to(dtype)
-    opts = (align_corners, PADDINGS[padding])
-    out = cuda_emulated.compose_fwd(theta, flow, *opts)
-    check(out, CPU.compose_fwd(theta, flow, *opts), dtype, "compose_fwd")
-    go = inputs(out.shape, dtype=dtype, seed=5)[0]
-    for asked in ASKED:
-        args = (go, theta, flow, *opts, *asked)
-        check(cuda_emulated.compose_bwd(*args), CPU.compose_bwd(*args), dtype, f"compose {asked}")
-    out = cuda_emulated.affine_flow_warp_fwd(image, theta, flow, *opts)
-    check(out, CPU.affine_flow_warp_fwd(image, theta, flow, *opts), dtype, "afw_fwd")
-    go = inputs(out.shape, dtype=dtype, seed=6)[0]
-    for asked in ((True, True, True), (True, False, False), (False, True, False),
-                  (False, False, True), (False, True, True)):
-        args = (go, image, theta, flow, *opts, *asked)
-        check(cuda_emulated.affine_flow_warp_bwd(*args), CPU.affine_flow_warp_bwd(*args), dtype,
-              f"afw {asked}")
+    for deterministic in (False, True):
+        opts = (align_corners, PADDINGS[padding], deterministic)
+        out = cuda_emulated.compose_fwd(theta, flow, *opts)
+        check(out, CPU.compose_fwd(theta, flow, *opts), dtype, "compose_fwd")
+        go = inputs(out.shape, dtype=dtype, seed=5)[0]
+        for asked in ASKED:
+            args = (go, theta, flow, *opts, *asked)
+            check(cuda_emulated.compose_bwd(*args), CPU.compose_bwd(*args), dtype,
+                  f"compose {asked} deterministic={deterministic}")
+        out = cuda_emulated.affine_flow_warp_fwd(image, theta, flow, *opts)
+        check(out, CPU.affine_flow_warp_fwd(image, theta, flow, *opts), dtype, "afw_fwd")
+        go = inputs(out.shape, dtype=dtype, seed=6)[0]
+        for asked in ((True, True, True), (True, False, False), (False, True, False),
+                      (False, False, True), (False, True, True)):
+            args = (go, image, theta, flow, *opts, *asked)
+            check(cuda_emulated.affine_flow_warp_bwd(*args), CPU.affine_flow_warp_bwd(*args),
+                  dtype, f"afw {asked} deterministic={deterministic}")
+
+
+@pytest.mark.parametrize("op", ["compose", "affine_flow_warp"])
+def test_deterministic_scatters_are_bitwise_reproducible(cuda_emulated, op):
+    """deterministic=True: d flow (and affine_flow_warp's d image) by fixed-point atomics give
+    the same bits whatever order the threads add in. theta shrinks the volume to a third, so
+    about 27 voxels scatter to each flow corner; the float-atomic path, run alike, does change
+    bits with that order (so the equality is not trivial) and agrees to float rounding. The
+    image is large (1e6), so a fixed-point scale bound that left out its size overflows."""
+    image, flow = inputs((BATCH, 2, 6, 7, 9), (BATCH, 3, 6, 7, 9), scale=0.3)
+    image = image * 1e6
+    theta = torch.eye(3, 4).repeat(BATCH, 1, 1)
+    theta[:, :, :3] *= 0.33
+    opts = (False, 0)
+    if op == "compose":
+        go = inputs(flow.shape, seed=3)[0]
+        args = (go, theta, flow, *opts)
+        asked = (True, True)
+    else:
+        go = inputs(image.shape, seed=3)[0]
+        args = (go, image, theta, flow, *opts)
+        asked = (True, True, True)
+    bwd = getattr(cuda_emulated, f"{op}_bwd")
+    fixed = [bwd(*args, True, *asked) for _ in range(4)]
+    floats = [bwd(*args, False, *asked) for _ in range(4)]
+    assert all(torch.equal(a, b) for run in fixed[1:] for a, b in zip(fixed[0], run, strict=True))
+    assert any(not torch.equal(a, b) for run in floats[1:]
+               for a, b in zip(floats[0], run, strict=True))
+    for a, b in zip(fixed[0], floats[0], strict=True):
+        assert rel_err(a, b) <= 1e-6
 
 
 # ---- lncc ------------------------------------------------------------------------------------
@@ -275,9 +307,10 @@ def test_empty_inputs_are_errors(request, ops, shape):
         lambda: ops.warp_backward(image, image, flow, 0, 0, True, True, True),
         lambda: ops.grid_sample_backward(image, image, grid, 0, 0, False, True, True, True),
         lambda: ops.affine_warp_backward(image, image, theta, 0, False, False, True, True),
-        *([lambda: ops.compose_bwd(flow, theta, flow, False, 0, True, True)]
+        *([lambda: ops.compose_bwd(flow, theta, flow, False, 0, True, True, True)]
           if flow.numel() == 0 else []),  # compose has no image
-        lambda: ops.affine_flow_warp_bwd(image, image, theta, flow, False, 0, True, True, True),
+        lambda: ops.affine_flow_warp_bwd(image, image, theta, flow, False, 0, True, True, True,
+                                         True),
         *(lambda r=r: ops.lncc_forward(*lncc_args(image, image, 5, reduction=r))
           for r in REDUCTIONS_CODE),
     ]

@@ -96,13 +96,15 @@ def _exercise_samplers() -> None:
             i, t = image.clone().requires_grad_(), theta.clone().requires_grad_()
             ops.affine_warp(i, t, padding_mode=padding,
                             backend="triton").float().sum().backward()
-            t, f = theta.clone().requires_grad_(), flow.clone().requires_grad_()
-            ops.compose(t, f, padding_mode=padding, backend="triton").float().sum().backward()
-            for image_grad in (False, True):
-                i = image.clone().requires_grad_(image_grad)
+            for det in (False, True):
                 t, f = theta.clone().requires_grad_(), flow.clone().requires_grad_()
-                ops.affine_flow_warp(i, t, f, padding_mode=padding,
-                                     backend="triton").float().sum().backward()
+                ops.compose(t, f, padding_mode=padding, deterministic=det,
+                            backend="triton").float().sum().backward()
+                for image_grad in (False, True):
+                    i = image.clone().requires_grad_(image_grad)
+                    t, f = theta.clone().requires_grad_(), flow.clone().requires_grad_()
+                    ops.affine_flow_warp(i, t, f, padding_mode=padding, deterministic=det,
+                                         backend="triton").float().sum().backward()
 
 
 def _exercise_others() -> None:

@@ -332,8 +332,10 @@ std::vector<at::Tensor> backward_cpu(const ComposeArgs<S>& a, const at::Tensor& 
   };
 }
 
+// `deterministic` is for the GPU: the CPU backward is always reproducible (per-thread buffers
+// summed in a fixed order).
 at::Tensor compose_fwd_cpu(const at::Tensor& theta, const at::Tensor& flow, bool align_corners,
-                           int64_t padding) {
+                           int64_t padding, bool /*deterministic*/) {
   check_compose_inputs(theta, flow, flow, at::kCPU);
   at::Tensor psi = at::empty_like(flow);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flow.scalar_type(), "compose", [&] {
@@ -345,7 +347,8 @@ at::Tensor compose_fwd_cpu(const at::Tensor& theta, const at::Tensor& flow, bool
 
 std::vector<at::Tensor> compose_bwd_cpu(const at::Tensor& grad, const at::Tensor& theta,
                                         const at::Tensor& flow, bool align_corners,
-                                        int64_t padding, bool need_theta, bool need_flow) {
+                                        int64_t padding, bool /*deterministic*/, bool need_theta,
+                                        bool need_flow) {
   check_compose_inputs(theta, flow, flow, at::kCPU);
   check_grad(grad, flow);
   std::vector<at::Tensor> out;
@@ -358,7 +361,7 @@ std::vector<at::Tensor> compose_bwd_cpu(const at::Tensor& grad, const at::Tensor
 
 at::Tensor affine_flow_warp_fwd_cpu(const at::Tensor& image, const at::Tensor& theta,
                                     const at::Tensor& flow, bool align_corners,
-                                    int64_t padding) {
+                                    int64_t padding, bool /*deterministic*/) {
   check_compose_inputs(theta, flow, image, at::kCPU);
   at::Tensor out = at::empty_like(image);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flow.scalar_type(), "afw", [&] {
@@ -371,8 +374,8 @@ at::Tensor affine_flow_warp_fwd_cpu(const at::Tensor& image, const at::Tensor& t
 std::vector<at::Tensor> affine_flow_warp_bwd_cpu(const at::Tensor& grad, const at::Tensor& image,
                                                  const at::Tensor& theta, const at::Tensor& flow,
                                                  bool align_corners, int64_t padding,
-                                                 bool need_image, bool need_theta,
-                                                 bool need_flow) {
+                                                 bool /*deterministic*/, bool need_image,
+                                                 bool need_theta, bool need_flow) {
   check_compose_inputs(theta, flow, image, at::kCPU);
   check_grad(grad, image);
   std::vector<at::Tensor> out;
@@ -429,17 +432,19 @@ std::vector<at::Tensor> affine_flow_warp_bwd_saved_cpu(const at::Tensor& grad,
 }  // namespace gvsl
 
 TORCH_LIBRARY_FRAGMENT(gvsl_fast, m) {
-  m.def("compose_fwd(Tensor theta, Tensor flow, bool align_corners, int padding) -> Tensor");
+  m.def(
+      "compose_fwd(Tensor theta, Tensor flow, bool align_corners, int padding, "
+      "bool deterministic) -> Tensor");
   m.def(
       "compose_bwd(Tensor grad, Tensor theta, Tensor flow, bool align_corners, int padding, "
-      "bool need_theta, bool need_flow) -> Tensor[]");
+      "bool deterministic, bool need_theta, bool need_flow) -> Tensor[]");
   m.def(
       "affine_flow_warp_fwd(Tensor image, Tensor theta, Tensor flow, bool align_corners, "
-      "int padding) -> Tensor");
+      "int padding, bool deterministic) -> Tensor");
   m.def(
       "affine_flow_warp_bwd(Tensor grad, Tensor image, Tensor theta, Tensor flow, "
-      "bool align_corners, int padding, bool need_image, bool need_theta, bool need_flow) "
-      "-> Tensor[]");
+      "bool align_corners, int padding, bool deterministic, bool need_image, bool need_theta, "
+      "bool need_flow) -> Tensor[]");
   // CPU only: the saved-derivative pair (theta and flow gradients only).
   m.def(
       "affine_flow_warp_fwd_saved(Tensor image, Tensor theta, Tensor flow, bool align_corners, "

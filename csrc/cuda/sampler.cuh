@@ -38,6 +38,31 @@ __global__ void __launch_bounds__(kThreads)
 __device__ __forceinline__ long long to_fixed(float x) { return __float2ll_rn(x); }
 __device__ __forceinline__ long long to_fixed(double x) { return __double2ll_rn(x); }
 
+// Adds x to buf[i]: a float atomic into an acc_t buffer or, with kFixed, an int64 atomic of
+// x * scale rounded (integer sums do not depend on the order of the additions).
+template <bool kFixed, typename T>
+__device__ __forceinline__ void scatter_add(void* buf, int64_t i, T x, T scale) {
+  if constexpr (kFixed)
+    atomicAdd(static_cast<unsigned long long*>(buf) + i,
+              static_cast<unsigned long long>(to_fixed(x * scale)));
+  else
+    atomicAdd(static_cast<T*>(buf) + i, x);
+}
+
+// Power-of-two scale (a 1-element float tensor on the device, no host sync) such that `count`
+// additions of at most `peak` (a 0-dim bound on |x|) cannot overflow the int64 accumulator;
+// capped so that it stays a finite float when the bound is tiny or zero.
+inline at::Tensor fixed_point_scale(const at::Tensor& peak, int64_t count) {
+  const auto p = peak.to(at::kFloat).clamp_min(1e-30);
+  return at::exp2(at::floor(62.0 - at::log2(p * double(count))).clamp_max(120.0)).reshape({1});
+}
+
+// A fixed-point accumulator back to `dtype`.
+inline at::Tensor from_fixed(const at::Tensor& acc, const at::Tensor& scale,
+                             at::ScalarType dtype) {
+  return (acc.to(at::kDouble) / scale.to(at::kDouble)).to(dtype);
+}
+
 template <typename T> __device__ __forceinline__ T warp_sum(T x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
@@ -116,12 +141,7 @@ __global__ void __launch_bounds__(kThreads)
     sample_backward_voxel<kImage, kPos>(
         img, gout, g, src, mode, padding, b, d, h, w,
         [&](int c, int64_t off, T x) {
-          const int64_t i = b * g.is[0] + c * g.is[1] + off;
-          if constexpr (kFixed)
-            atomicAdd(static_cast<unsigned long long*>(gimg) + i,
-                      static_cast<unsigned long long>(to_fixed(x * scale)));
-          else
-            atomicAdd(static_cast<T*>(gimg) + i, x);
+          scatter_add<kFixed>(gimg, b * g.is[0] + c * g.is[1] + off, x, scale);
         },
         gp);
   }
@@ -163,13 +183,8 @@ at::Tensor launch_backward(const at::Tensor& grad_out, const at::Tensor& image, 
     gimg = at::zeros_like(image, image.options().dtype(fixed ? at::kLong : acc_type));
     TORCH_CHECK(gimg.strides() == image.strides(), "gvsl_fast: gradient buffer layout");
   }
-  if (fixed) {
-    // Power-of-two scale such that every output voxel adding max|grad_out| cannot overflow
-    // (capped so that the scale stays a finite float when grad_out is tiny or zero).
-    const auto peak = grad_out.abs().amax().to(at::kFloat).clamp_min(1e-30);
-    const auto bits = at::floor(62.0 - at::log2(peak * double(g.voxels()))).clamp_max(120.0);
-    scale = at::exp2(bits).reshape({1});
-  }
+  // each output voxel adds at most max|grad_out| (trilinear weights sum to 1)
+  if (fixed) scale = fixed_point_scale(grad_out.abs().amax(), g.voxels());
   if (pos_grad && Src::kind == kAffine)
     moments =
         at::empty({image.size(0), int64_t(grid.x), kMoments}, image.options().dtype(acc_type));
@@ -196,7 +211,7 @@ at::Tensor launch_backward(const at::Tensor& grad_out, const at::Tensor& image, 
   });
 #undef GVSL_LAUNCH
   if (!image_grad) return gimg;
-  if (fixed) return (gimg.to(at::kDouble) / scale.to(at::kDouble)).to(image.scalar_type());
+  if (fixed) return from_fixed(gimg, scale, image.scalar_type());
   return gimg.to(image.scalar_type());
 }
 

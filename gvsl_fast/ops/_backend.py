@@ -117,6 +117,16 @@ def fallback(op: str, why: str) -> str:
     return "reference"
 
 
+def deterministic(op: str, flag: bool | None) -> bool:
+    """An op's ``deterministic`` argument: ``None`` follows
+    ``torch.are_deterministic_algorithms_enabled()``, as PyTorch's own scatters do."""
+    if flag is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not isinstance(flag, bool):
+        raise TypeError(f"{op}: `deterministic` must be a bool or None, got {flag!r}")
+    return flag
+
+
 # ---- input checks --------------------------------------------------------------------------
 
 

@@ -44,7 +44,7 @@ for _ns in ("gvsl_fast", TRITON_NS):
 
 
 def affine_warp(image: Tensor, theta: Tensor, align_corners: bool = False,
-                padding_mode: str = "zeros", deterministic: bool = False,
+                padding_mode: str = "zeros", deterministic: bool | None = None,
                 backend: str = "auto") -> Tensor:
     """Resample ``image`` under the affine ``theta``, trilinear, without a sampling grid.
 
@@ -55,8 +55,9 @@ def affine_warp(image: Tensor, theta: Tensor, align_corners: bool = False,
             as ``image``.
         align_corners: as in ``F.affine_grid`` / ``F.grid_sample``.
         padding_mode: ``"zeros"`` or ``"border"``.
-        deterministic: bit-reproducible image gradient on the GPU (slower). The theta gradient is
-            always reproducible.
+        deterministic: bit-reproducible image gradient on the GPU (slower); ``None`` follows
+            ``torch.are_deterministic_algorithms_enabled()``. The theta gradient is always
+            reproducible.
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
@@ -74,9 +75,10 @@ def affine_warp(image: Tensor, theta: Tensor, align_corners: bool = False,
         raise ValueError(f"{op}: `theta` must be ({image.shape[0]}, 3, 4), got {shape}")
     _backend.check_same(op, image=image, theta=theta)
     _backend.check_choice(op, "padding_mode", padding_mode, reference.PADDINGS)
+    det = _backend.deterministic(op, deterministic)
     be = _backend.resolve(op, backend, [image, theta])
     if be == "reference":
         return reference.affine_warp(image, theta, align_corners, padding_mode)
     ops = _sampler.op_namespace(be)
     return ops.affine_warp_forward(_backend.layout(image), theta.contiguous(),
-                                   PADDING_CODES[padding_mode], align_corners, deterministic)
+                                   PADDING_CODES[padding_mode], align_corners, det)

@@ -25,7 +25,7 @@ _PADDING = {"zeros": 0, "border": 1}
 
 @torch.library.custom_op("gvsl_fast::compose_fwd_triton", mutates_args=())
 def _compose_fwd_triton(theta: torch.Tensor, flow: torch.Tensor, align_corners: bool,
-                        padding: int) -> torch.Tensor:
+                        padding: int, deterministic: bool) -> torch.Tensor:
     from gvsl_fast.kernels import compose as kernels
 
     return kernels.forward(theta, flow, None, align_corners, padding)
@@ -33,18 +33,18 @@ def _compose_fwd_triton(theta: torch.Tensor, flow: torch.Tensor, align_corners: 
 
 @torch.library.custom_op("gvsl_fast::compose_bwd_triton", mutates_args=())
 def _compose_bwd_triton(grad: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor,
-                        align_corners: bool, padding: int, need_theta: bool,
-                        need_flow: bool) -> list[torch.Tensor]:
+                        align_corners: bool, padding: int, deterministic: bool,
+                        need_theta: bool, need_flow: bool) -> list[torch.Tensor]:
     from gvsl_fast.kernels import compose as kernels
 
     _, dtheta, dflow = kernels.backward(grad, theta, flow, None, align_corners, padding,
-                                        (False, need_theta, need_flow))
+                                        deterministic, (False, need_theta, need_flow))
     return [dtheta, dflow]
 
 
 @torch.library.custom_op("gvsl_fast::affine_flow_warp_fwd_triton", mutates_args=())
 def _afw_fwd_triton(image: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor,
-                    align_corners: bool, padding: int) -> torch.Tensor:
+                    align_corners: bool, padding: int, deterministic: bool) -> torch.Tensor:
     from gvsl_fast.kernels import compose as kernels
 
     return kernels.forward(theta, flow, image, align_corners, padding)
@@ -52,11 +52,11 @@ def _afw_fwd_triton(image: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor
 
 @torch.library.custom_op("gvsl_fast::affine_flow_warp_bwd_triton", mutates_args=())
 def _afw_bwd_triton(grad: torch.Tensor, image: torch.Tensor, theta: torch.Tensor,
-                    flow: torch.Tensor, align_corners: bool, padding: int, need_image: bool,
-                    need_theta: bool, need_flow: bool) -> list[torch.Tensor]:
+                    flow: torch.Tensor, align_corners: bool, padding: int, deterministic: bool,
+                    need_image: bool, need_theta: bool, need_flow: bool) -> list[torch.Tensor]:
     from gvsl_fast.kernels import compose as kernels
 
-    return list(kernels.backward(grad, theta, flow, image, align_corners, padding,
+    return list(kernels.backward(grad, theta, flow, image, align_corners, padding, deterministic,
                                  (need_image, need_theta, need_flow)))
 
 
@@ -74,19 +74,20 @@ def _register(suffix: str) -> dict[str, object]:
         "compose_fwd", "compose_bwd", "affine_flow_warp_fwd", "affine_flow_warp_bwd"))
 
     @torch.library.register_fake(cfwd)
-    def _(theta, flow, align_corners, padding):
+    def _(theta, flow, align_corners, padding, deterministic):
         return torch.empty_like(flow)
 
     @torch.library.register_fake(cbwd)
-    def _(grad, theta, flow, align_corners, padding, need_theta, need_flow):
+    def _(grad, theta, flow, align_corners, padding, deterministic, need_theta, need_flow):
         return [_grad_like(theta, need_theta), _grad_like(flow, need_flow)]
 
     @torch.library.register_fake(afwd)
-    def _(image, theta, flow, align_corners, padding):
+    def _(image, theta, flow, align_corners, padding, deterministic):
         return torch.empty_like(image)
 
     @torch.library.register_fake(abwd)
-    def _(grad, image, theta, flow, align_corners, padding, need_image, need_theta, need_flow):
+    def _(grad, image, theta, flow, align_corners, padding, deterministic, need_image,
+          need_theta, need_flow):
         return [_grad_like(image, need_image), _grad_like(theta, need_theta),
                 _grad_like(flow, need_flow)]
 
@@ -94,20 +95,22 @@ def _register(suffix: str) -> dict[str, object]:
     afw_bwd = getattr(ns, f"affine_flow_warp_bwd{suffix}")
 
     def setup(ctx, inputs, output):
-        *tensors, ctx.align_corners, ctx.padding = inputs
+        *tensors, ctx.align_corners, ctx.padding, ctx.deterministic = inputs
         ctx.save_for_backward(*tensors)
 
     def compose_backward(ctx, grad):
         theta, flow = ctx.saved_tensors
         need = ctx.needs_input_grad[:2]
-        dtheta, dflow = compose_bwd(grad, theta, flow, ctx.align_corners, ctx.padding, *need)
-        return _only(need, (dtheta, dflow)) + (None, None)
+        dtheta, dflow = compose_bwd(grad, theta, flow, ctx.align_corners, ctx.padding,
+                                    ctx.deterministic, *need)
+        return _only(need, (dtheta, dflow)) + (None, None, None)
 
     def afw_backward(ctx, grad):
         image, theta, flow = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
-        grads = afw_bwd(grad, image, theta, flow, ctx.align_corners, ctx.padding, *need)
-        return _only(need, grads) + (None, None)
+        grads = afw_bwd(grad, image, theta, flow, ctx.align_corners, ctx.padding,
+                        ctx.deterministic, *need)
+        return _only(need, grads) + (None, None, None)
 
     torch.library.register_autograd(cfwd, compose_backward, setup_context=setup)
     torch.library.register_autograd(afwd, afw_backward, setup_context=setup)
@@ -190,7 +193,8 @@ def _check(op: str, theta: torch.Tensor, flow: torch.Tensor, align_corners: bool
 
 
 def compose(theta: torch.Tensor, flow: torch.Tensor, align_corners: bool = False,
-            padding_mode: str = "zeros", backend: str = "auto") -> torch.Tensor:
+            padding_mode: str = "zeros", deterministic: bool | None = None,
+            backend: str = "auto") -> torch.Tensor:
     """Displacement of the affine map ``theta`` followed by the deformation ``flow``.
 
     ``psi(p) = flow(p_hat) + p_hat - p`` with ``p_hat = theta(p)`` in index space, ``flow``
@@ -202,6 +206,9 @@ def compose(theta: torch.Tensor, flow: torch.Tensor, align_corners: bool = False
         flow: ``(B, 3, D, H, W)`` displacement in voxels, channels in (D, H, W) order.
         align_corners: the meaning of ``theta``'s normalized coordinates, as ``F.affine_grid``.
         padding_mode: ``"zeros"`` or ``"border"``, for sampling ``flow`` outside the volume.
+        deterministic: bit-reproducible ``flow`` gradient on the GPU (fixed-point atomics,
+            slower); ``None`` follows ``torch.are_deterministic_algorithms_enabled()``. The CPU
+            backward is always reproducible.
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
@@ -213,16 +220,17 @@ def compose(theta: torch.Tensor, flow: torch.Tensor, align_corners: bool = False
         RuntimeError: the requested backend is not available here.
     """
     _check("compose", theta, flow, align_corners, padding_mode)
+    det = _backend.deterministic("compose", deterministic)
     be = _backend.resolve("compose", backend, [flow, theta])
     if be == "reference":
         return reference.compose(theta, flow, align_corners, padding_mode)
     return _OPS[be]["compose"](theta.contiguous(), _backend.layout(flow), align_corners,
-                               _PADDING[padding_mode])
+                               _PADDING[padding_mode], det)
 
 
 def affine_flow_warp(image: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor,
                      align_corners: bool = False, padding_mode: str = "zeros",
-                     backend: str = "auto") -> torch.Tensor:
+                     deterministic: bool | None = None, backend: str = "auto") -> torch.Tensor:
     """``warp(image, compose(theta, flow))`` in one pass, without ``psi`` in memory.
 
     ``out(p) = image(q)`` with ``q = p_hat + flow(p_hat)`` and ``p_hat = theta(p)``; one
@@ -234,6 +242,9 @@ def affine_flow_warp(image: torch.Tensor, theta: torch.Tensor, flow: torch.Tenso
         flow: ``(B, 3, D, H, W)`` displacement in voxels (D, H, W order), image's spatial size.
         align_corners: the meaning of ``theta``'s normalized coordinates, as ``F.affine_grid``.
         padding_mode: ``"zeros"`` or ``"border"``.
+        deterministic: bit-reproducible ``flow`` and ``image`` gradients on the GPU (fixed-point
+            atomics, slower); ``None`` follows ``torch.are_deterministic_algorithms_enabled()``.
+            The CPU backward is always reproducible.
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
@@ -245,6 +256,7 @@ def affine_flow_warp(image: torch.Tensor, theta: torch.Tensor, flow: torch.Tenso
         RuntimeError: the requested backend is not available here.
     """
     _check("affine_flow_warp", theta, flow, align_corners, padding_mode, image)
+    det = _backend.deterministic("affine_flow_warp", deterministic)
     be = _backend.resolve("affine_flow_warp", backend, [flow, theta, image])
     if be == "reference":
         return reference.affine_flow_warp(image, theta, flow, align_corners, padding_mode)
@@ -252,4 +264,4 @@ def affine_flow_warp(image: torch.Tensor, theta: torch.Tensor, flow: torch.Tenso
             _PADDING[padding_mode])
     if _sampler.saves_derivative(be, image, (theta, flow), "bilinear"):
         return torch.ops.gvsl_fast.affine_flow_warp_fwd_saved(*args)[0]
-    return _OPS[be]["affine_flow_warp"](*args)
+    return _OPS[be]["affine_flow_warp"](*args, det)

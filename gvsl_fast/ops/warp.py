@@ -84,7 +84,7 @@ def _check_options(op: str, mode: str, padding_mode: str) -> None:
 
 
 def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
-         deterministic: bool = False, backend: str = "auto") -> Tensor:
+         deterministic: bool | None = None, backend: str = "auto") -> Tensor:
     """Warp ``image`` by a displacement field: ``out(p) = image(p + flow(p))``.
 
     Args:
@@ -96,7 +96,8 @@ def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str 
         padding_mode: ``"zeros"`` (corners outside read 0) or ``"border"`` (positions clamped,
             zero gradient at and beyond the edge).
         deterministic: bit-reproducible image gradient on the GPU (fixed-point atomics,
-            slower). The CPU backward is always reproducible.
+            slower); ``None`` follows ``torch.are_deterministic_algorithms_enabled()``. The CPU
+            backward is always reproducible.
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
@@ -118,6 +119,7 @@ def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str 
             f"{(image.shape[0], 3, *image.shape[2:])}, got {tuple(flow.shape)}"
         )
     _check_options(op, mode, padding_mode)
+    det = _backend.deterministic(op, deterministic)
     be = _backend.resolve(op, backend, [image, flow])
     if be == "reference":
         return reference.warp(image, flow, mode, padding_mode)
@@ -125,11 +127,11 @@ def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str 
     options = (MODE_CODES[mode], PADDING_CODES[padding_mode])
     if _sampler.saves_derivative(be, image, (flow,), mode):
         return torch.ops.gvsl_fast.warp_forward_saved(image, flow, *options)[0]
-    return _sampler.op_namespace(be).warp_forward(image, flow, *options, deterministic)
+    return _sampler.op_namespace(be).warp_forward(image, flow, *options, det)
 
 
 def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
-                align_corners: bool = False, deterministic: bool = False,
+                align_corners: bool = False, deterministic: bool | None = None,
                 backend: str = "auto") -> Tensor:
     """``F.grid_sample`` for 5-D input (same signature, results and gradients).
 
@@ -139,7 +141,8 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
         mode: ``"bilinear"`` or ``"nearest"``.
         padding_mode: ``"zeros"`` or ``"border"``.
         align_corners: as in ``F.grid_sample``.
-        deterministic: bit-reproducible input gradient on the GPU (slower).
+        deterministic: bit-reproducible input gradient on the GPU (slower); ``None`` follows
+            ``torch.are_deterministic_algorithms_enabled()``.
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
@@ -161,6 +164,7 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
         raise ValueError(f"{op}: `grid` is empty, shape {tuple(grid.shape)}")
     _backend.check_same(op, input=input, grid=grid)
     _check_options(op, mode, padding_mode)
+    det = _backend.deterministic(op, deterministic)
     be = _backend.resolve(op, backend, [input, grid])
     if be == "reference":
         return reference.grid_sample(input, grid, mode, padding_mode, align_corners)
@@ -168,7 +172,7 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     options = (MODE_CODES[mode], PADDING_CODES[padding_mode], align_corners)
     if _sampler.saves_derivative(be, input, (grid,), mode):
         return torch.ops.gvsl_fast.grid_sample_forward_saved(input, grid, *options)[0]
-    return _sampler.op_namespace(be).grid_sample_forward(input, grid, *options, deterministic)
+    return _sampler.op_namespace(be).grid_sample_forward(input, grid, *options, det)
 
 
 class SpatialTransformer(nn.Module):
