@@ -65,6 +65,9 @@ def add_pretrain(sub) -> None:
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing of the U-Net blocks")
     p.add_argument("--optimizer", choices=("adam", "apex-fused-adam"), default="adam")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bit-reproducible GPU runs (torch.use_deterministic_algorithms: "
+                        "fixed-point scatters, deterministic cuDNN and U-Net layers; slower)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_pretrain)
 
@@ -81,7 +84,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         ops_backend=args.ops_backend, fusion=args.fusion, weights=tuple(args.weights),
         save_every=args.save_every, keep_last=args.keep_last, resume=args.resume,
         compile=args.compile, grad_checkpoint=args.grad_checkpoint, optimizer=args.optimizer,
-        progress=not args.no_progress,
+        deterministic=args.deterministic, progress=not args.no_progress,
     )
     result = pretrain(cfg)
     if result.get("step") is not None:

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from common import rel_err
 
 from gvsl_fast.models import GVSL, UNet3D, affine_matrix
 
@@ -98,3 +100,54 @@ def test_grad_checkpoint_gives_the_same_gradients():
         grads.append([p.grad for p in net.parameters()])
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_atomic_free_pooling_and_upsampling_match_pytorch():
+    """max_pool2 / upsample2 (the U-Net's layers under deterministic algorithms on the GPU)
+    against F.max_pool3d / F.interpolate: pooling exactly, ties included (after LeakyReLU's
+    zeros the first maximum gets the gradient, as max_pool3d's does), upsampling to rounding,
+    values and gradients, on odd and size-1 axes."""
+    from gvsl_fast.models.unet import max_pool2, upsample2
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 6, 8).relu().requires_grad_()
+    assert (x == 0).float().mean() > 0.3  # many tied windows
+    for fn, ref, exact in (
+        (max_pool2, lambda t: F.max_pool3d(t, 2), True),
+        (upsample2, lambda t: F.interpolate(t, scale_factor=2, mode="trilinear",
+                                            align_corners=True), False),
+    ):
+        for t in (x, torch.randn(1, 2, 1, 3, 5, requires_grad=True)):
+            if fn is max_pool2 and t is not x:
+                continue  # pooling takes the U-Net's even sizes
+            out, want = fn(t), ref(t)
+            g = torch.randn_like(want)
+            (got_grad,), (want_grad,) = (torch.autograd.grad(o, [t], g) for o in (out, want))
+            if exact:
+                assert torch.equal(out, want) and torch.equal(got_grad, want_grad)
+            else:
+                torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_takes_the_atomic_free_layers_when_asked(monkeypatch):
+    """With deterministic_layers true (CUDA tensors under torch.use_deterministic_algorithms),
+    the U-Net's features and gradients equal its default ones to rounding."""
+    from gvsl_fast.models import unet
+
+    torch.manual_seed(0)
+    model = UNet3D(down=(8, 8, 8, 8, 8), up=(8, 8, 8, 8))
+    x = torch.randn(1, 1, 16, 16, 16)
+    runs = []
+    for deterministic in (False, True):
+        monkeypatch.setattr(unet, "deterministic_layers", lambda t, d=deterministic: d)
+        model.zero_grad()
+        f_g, f_l = model(x)
+        (f_g.square().sum() + f_l.square().sum()).backward()
+        runs.append([f_g, f_l] + [p.grad.clone() for p in model.parameters()])
+    calls = []
+    monkeypatch.setattr(unet, "max_pool2", lambda t: calls.append(t) or F.max_pool3d(t, 2))
+    model(x)
+    assert len(calls) == 4
+    for a, b in zip(*runs, strict=True):
+        assert rel_err(a, b) < 1e-5

@@ -119,6 +119,29 @@ def test_resume_is_bit_identical(tmp_path, cohort_cache):
     ]
 
 
+def test_deterministic_run(tmp_path, cohort_cache, monkeypatch):
+    """`pretrain --deterministic`: every step runs under torch.use_deterministic_algorithms
+    (which the ops and the U-Net follow; nothing the step calls raises there), and the
+    setting is restored afterwards."""
+    monkeypatch.setenv("GVSL_FAST_CACHE", str(cohort_cache))
+    seen = []
+    real = loop.Trainer.train_step
+
+    def spy(self, *batch):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(self, *batch)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", spy)
+    before = torch.are_deterministic_algorithms_enabled()
+    out = tmp_path / "run"
+    assert main(["pretrain", "--deterministic", "--out", str(out), "--steps", "2", "--patch",
+                 "16", "--save-every", "2", "--keep-last", "1", "--no-progress", "--workers",
+                 "0", "--loader", "torch"]) == 0
+    assert seen == [True, True]
+    assert torch.are_deterministic_algorithms_enabled() == before
+    assert len(_history(out)) == 2
+
+
 def test_checkpoint_errors_are_clear(tmp_path, cohort_cache):
     out = tmp_path / "run"
     pretrain(_cfg(out, cohort_cache, steps=2))

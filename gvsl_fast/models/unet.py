@@ -34,6 +34,41 @@ def init_weights(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def deterministic_layers(x: torch.Tensor) -> bool:
+    """Whether pooling and upsampling take their atomic-free forms: on the GPU under
+    ``torch.use_deterministic_algorithms(True)``, where the backwards of PyTorch's CUDA
+    ``max_pool3d`` and trilinear ``interpolate`` (atomic scatters) raise."""
+    return x.is_cuda and torch.are_deterministic_algorithms_enabled()
+
+
+def max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool3d(x, 2)`` of even-sized ``x`` with an elementwise backward: each 2^3
+    window's first maximum (in (d, h, w) order, as ``max_pool3d``'s) gets the gradient."""
+    B, C, D, H, W = x.shape
+    win = x.reshape(B, C, D // 2, 2, H // 2, 2, W // 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+    win = win.reshape(B, C, D // 2, H // 2, W // 2, 8)
+    first = F.one_hot(win.detach().argmax(-1), 8).bool()
+    return win.masked_fill(~first, 0).sum(-1)  # one value plus zeros: exact
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)`` as one
+    product per axis with its (2n, n) interpolation matrix (weights computed as PyTorch's
+    kernel does), so that the backward is products too; in float32, cast back."""
+    out = x.float()
+    with torch.autocast(x.device.type, enabled=False):
+        for axis in (2, 3, 4):
+            n = out.shape[axis]
+            scale = torch.tensor(n - 1, dtype=torch.float32) / (2 * n - 1)  # in float32
+            src = torch.arange(2 * n, dtype=torch.float32) * scale
+            i0 = src.long().clamp_max(n - 1)
+            lam = src - i0
+            i1 = (i0 + 1).clamp_max(n - 1)
+            m = (1 - lam)[:, None] * F.one_hot(i0, n) + lam[:, None] * F.one_hot(i1, n)
+            out = (out.movedim(axis, -1) @ m.T.to(x.device)).movedim(-1, axis)
+    return out.to(x.dtype)
+
+
 class UNet3D(nn.Module):
     """3D U-Net returning global features (bottleneck, 512 ch at 1/16 resolution) and local
     features (last decoder output, 32 ch at full resolution).
@@ -87,12 +122,13 @@ class UNet3D(nn.Module):
         skips = []
         for i, block in enumerate(self.encoder):
             if i:
-                x = F.max_pool3d(x, 2)
+                x = max_pool2(x) if deterministic_layers(x) else F.max_pool3d(x, 2)
             x = self._run(block, x)
             skips.append(x)
         f_g = x
         for block, skip in zip(self.decoder, reversed(skips[:-1]), strict=True):
-            x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)
+            x = (upsample2(x) if deterministic_layers(x) else
+                 F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True))
             x = self._run(block, torch.cat([x, skip], dim=1))
         return f_g, x[:, :, : size[0], : size[1], : size[2]]
 

@@ -45,6 +45,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     channels_last: bool = True  # faster on the CPU too (U-Net convs, 32-channel feature warp)
     optimizer: str = "adam"
+    deterministic: bool = False
     progress: bool = True
 
     def resolved(self, device_type: str) -> TrainConfig:

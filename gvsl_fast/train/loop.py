@@ -303,7 +303,27 @@ def _check_out_dir(cfg: TrainConfig) -> None:
 
 def pretrain(cfg: TrainConfig) -> dict:
     """Run GVSL pre-training as configured; returns the last losses and where they were written."""
-    return Trainer(cfg).fit()
+    with determinism(cfg.deterministic):
+        return Trainer(cfg).fit()
+
+
+@contextlib.contextmanager
+def determinism(enabled: bool):
+    """With ``enabled``, ``torch.use_deterministic_algorithms(True)`` for the run (and the cuBLAS
+    workspace setting it requires on the GPU); the previous setting afterwards. Under it the
+    gvsl_fast scatters take fixed-point atomics, cuDNN deterministic algorithms and the U-Net its
+    atomic-free pooling and upsampling; an op with no deterministic form raises."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _pictures(out_dir: Path, history: History, evaluation: History, batch, out) -> None:
