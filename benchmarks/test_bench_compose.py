@@ -7,7 +7,8 @@ Baselines timed in the same test:
 - ``grid_sample_warp``: a plain warp of the same size, ``F.grid_sample`` of identity + flow with
   the gradient to flow;
 - ``warp``: the same plain warp through this backend's own ``warp`` op (the target is
-  affine_flow_warp <= 1.3x of it: the composition nearly free).
+  affine_flow_warp <= 1.3x of it: the composition nearly free);
+- ``deterministic`` (GPU): the op itself with ``deterministic=True`` (fixed-point scatters).
 The image does not require grad (as in GVSL); theta and flow do.
 """
 
@@ -91,6 +92,13 @@ def _bench(benchmark, device, backend, op: str):
         baselines = {"reference": R.affine_flow_warp, "two_resample": two_resample,
                      "grid_sample_warp": grid_sample_warp,
                      "warp": lambda im, th, fl: warp(im, fl, backend=backend)}
+    if torch.device(device).type == "cuda":  # the price of fixed-point scatters (the CPU's
+        # backward is deterministic anyway)
+        baselines["deterministic"] = {
+            "compose": lambda im, th, fl: compose(th, fl, deterministic=True, backend=backend),
+            "affine_flow_warp": lambda im, th, fl: affine_flow_warp(
+                im, th, fl, deterministic=True, backend=backend),
+        }[op]
     times = {name: median_time(fwd_bwd(fn, sets, out_channels), device, reps=3)
              for name, fn in baselines.items()}
     seconds = run_benchmark(benchmark, fwd_bwd(fast, sets, out_channels), device)
