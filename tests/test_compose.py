@@ -4,7 +4,6 @@ saved-derivative affine_flow_warp, torch.compile and bad input."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 
 import pytest
@@ -21,6 +20,7 @@ from common import (
 
 from gvsl_fast.ops import _sampler, affine_flow_warp, compose
 from gvsl_fast.ops import reference as R
+from gvsl_fast.ops._backend import deterministic_algorithms
 
 BACKENDS = fast_backends()
 IDS = backend_ids(BACKENDS)
@@ -240,18 +240,6 @@ def test_deterministic_gradients(device, backend):
         for run in runs[1:]:
             assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
         check_close(runs[0], upstream_grads(fn(False), inputs), 1e-5)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool):
-    """torch.use_deterministic_algorithms(enabled) inside, the previous setting after."""
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(enabled)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @pytest.mark.skipif(("cpu", "triton") not in BACKENDS, reason="needs Triton (TRITON_INTERPRET=1)")

@@ -47,25 +47,29 @@ def max_pool2(x: torch.Tensor) -> torch.Tensor:
     B, C, D, H, W = x.shape
     win = x.reshape(B, C, D // 2, 2, H // 2, 2, W // 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
     win = win.reshape(B, C, D // 2, H // 2, W // 2, 8)
-    first = F.one_hot(win.detach().argmax(-1), 8).bool()
+    slots = torch.arange(8, device=x.device)
+    first = slots == win.detach().argmax(-1, keepdim=True)
     return win.masked_fill(~first, 0).sum(-1)  # one value plus zeros: exact
 
 
 def upsample2(x: torch.Tensor) -> torch.Tensor:
     """``F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)`` as one
     product per axis with its (2n, n) interpolation matrix (weights computed as PyTorch's
-    kernel does), so that the backward is products too; in float32, cast back."""
+    kernel does), so that the backward is products too; in float32, cast back. The matrices are
+    built on x's device (no host copy, no sync)."""
     out = x.float()
     with torch.autocast(x.device.type, enabled=False):
         for axis in (2, 3, 4):
             n = out.shape[axis]
-            scale = torch.tensor(n - 1, dtype=torch.float32) / (2 * n - 1)  # in float32
-            src = torch.arange(2 * n, dtype=torch.float32) * scale
+            # (n - 1) / (2n - 1) divided in float32 (a float32 value: exact as a Python float)
+            scale = (torch.tensor(n - 1, dtype=torch.float32) / (2 * n - 1)).item()
+            src = torch.arange(2 * n, dtype=torch.float32, device=x.device) * scale
             i0 = src.long().clamp_max(n - 1)
-            lam = src - i0
+            lam = (src - i0)[:, None]
             i1 = (i0 + 1).clamp_max(n - 1)
-            m = (1 - lam)[:, None] * F.one_hot(i0, n) + lam[:, None] * F.one_hot(i1, n)
-            out = (out.movedim(axis, -1) @ m.T.to(x.device)).movedim(-1, axis)
+            cols = torch.arange(n, device=x.device)
+            m = (1 - lam) * (cols == i0[:, None]) + lam * (cols == i1[:, None])
+            out = (out.movedim(axis, -1) @ m.T).movedim(-1, axis)
     return out.to(x.dtype)
 
 

@@ -7,6 +7,7 @@ reason, never silent. Asking for a backend that cannot run raises an error namin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -115,6 +116,19 @@ def fallback(op: str, why: str) -> str:
         warnings.warn(f"gvsl_fast.ops.{op}: backend='auto' falls back to the PyTorch reference: "
                       f"{why}", RuntimeWarning, stacklevel=4)
     return "reference"
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """``torch.use_deterministic_algorithms(enabled)`` inside, the previous setting (warn_only
+    included) afterwards."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def deterministic(op: str, flag: bool | None) -> bool:

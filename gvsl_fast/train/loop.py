@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gvsl_fast.data import make_loader, prepare_dataset
 from gvsl_fast.data.transforms import AppearanceTransform, SpatialTransform
 from gvsl_fast.models import GVSL, UNet3D
+from gvsl_fast.ops._backend import deterministic_algorithms
 from gvsl_fast.train import checkpoint, distributed
 from gvsl_fast.train.config import TrainConfig
 from gvsl_fast.train.logs import LOSSES, History, plot_losses, plot_preview, tensorboard_error
@@ -316,14 +317,9 @@ def determinism(enabled: bool):
     if not enabled:
         yield
         return
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms(True):
         yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _pictures(out_dir: Path, history: History, evaluation: History, batch, out) -> None:
