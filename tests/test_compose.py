@@ -224,22 +224,25 @@ def test_theta_gradient_is_reproducible():
 @pytest.mark.parametrize(("device", "backend"), BACKENDS, ids=IDS)
 def test_deterministic_gradients(device, backend):
     """deterministic=True (fixed-point scatters on the GPU backends): the same bits run to run,
-    and the float path's gradients to rounding. theta shrinks the volume to a third, so about
-    27 voxels scatter to each flow corner; the image is large (1e6), so a fixed-point scale
-    bound that left out its size overflows."""
+    the float path's gradients to rounding and the reference's within the usual tolerance.
+    theta shrinks the volume to a third, so about 27 voxels scatter to each flow corner; the
+    image is large (1e6), so a fixed-point scale bound that left out its size overflows."""
     theta, flow, image = make_inputs(device, flow_scale=0.5)
     theta[:, :, :3] *= 0.33
     image *= 1e6
     for t in (theta, flow, image):
         t.requires_grad_()
-    for fn, inputs in ((lambda det: compose(theta, flow, deterministic=det, backend=backend),
-                        [theta, flow]),
-                       (lambda det: affine_flow_warp(image, theta, flow, deterministic=det,
-                                                     backend=backend), [image, theta, flow])):
+    for fn, ref, inputs in (
+        (lambda det: compose(theta, flow, deterministic=det, backend=backend),
+         lambda: R.compose(theta, flow), [theta, flow]),
+        (lambda det: affine_flow_warp(image, theta, flow, deterministic=det, backend=backend),
+         lambda: R.affine_flow_warp(image, theta, flow), [image, theta, flow]),
+    ):
         runs = [upstream_grads(fn(True), inputs) for _ in range(3)]
         for run in runs[1:]:
             assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
         check_close(runs[0], upstream_grads(fn(False), inputs), 1e-5)
+        check_close(runs[0], upstream_grads(ref(), inputs), tolerance(device, torch.float32))
 
 
 @pytest.mark.skipif(("cpu", "triton") not in BACKENDS, reason="needs Triton (TRITON_INTERPRET=1)")
