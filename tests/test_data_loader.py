@@ -165,3 +165,29 @@ def test_demo_cohort_is_built_once(tmp_path):
     np.testing.assert_array_equal(np.load(again / m["volumes"][1]["file"]), arrays[1])
     with pytest.raises(ValueError, match="at least 2"):
         demo_cohort(tmp_path, n=1)
+
+
+@pytest.mark.parametrize("other", ["finished", "incomplete"])
+def test_demo_cohort_with_a_concurrent_build(tmp_path, monkeypatch, other):
+    """Two processes (DDP ranks) build the same cohort: when the other one's folder appears
+    while this one builds, a finished one is kept as it is (it may be being read) and an
+    incomplete one is replaced; either way the result is a complete cohort, no error, and no
+    temporary folder is left behind."""
+    from gvsl_fast.data import demo
+
+    out = demo.cohort_dir(tmp_path, 3, (6.0, 6.0, 6.0), 4)
+    real_build = demo._build
+
+    def build_while_the_other_finishes(tmp, *args):
+        real_build(tmp, *args)
+        if other == "finished":
+            real_build(out, *args)  # the other process's complete cohort
+        else:
+            out.mkdir()
+        (out / "the_other_build").write_bytes(b"")
+
+    monkeypatch.setattr(demo, "_build", build_while_the_other_finishes)
+    assert demo_cohort(tmp_path, n=3, spacing=6.0, seed=4) == out
+    assert len(nifti.read_manifest(out)["volumes"]) == 3
+    assert (out / "the_other_build").exists() == (other == "finished")
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

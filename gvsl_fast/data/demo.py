@@ -73,22 +73,33 @@ def demo_cohort(cache_dir: Path, n: int = 8, spacing: float | Sequence[float] = 
         raise ValueError(f"demo_cohort: n must be at least 2, got {n}")
     spacing = _spacing3(spacing)
     out = cohort_dir(cache_dir, n, spacing, seed)
-    try:
-        nifti.read_manifest(out)
+    if _complete(out):
         return out
-    except (FileNotFoundError, ValueError):
-        pass
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _build(tmp, n, spacing, seed)
         tmp.chmod(0o777 & ~nifti.UMASK)                # mkdtemp's 0700 -> the usual mode
-        if out.exists():               # an incomplete earlier build, or a concurrent one
-            shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            # `out` appeared meanwhile: a concurrent build (another DDP rank) that finished
+            # first, which is used as it is (it may be being read), or an incomplete one
+            if not _complete(out):
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished cohort (a readable manifest)."""
+    try:
+        nifti.read_manifest(folder)
+        return True
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def _load_templates(spacing) -> tuple[np.ndarray, np.ndarray, dict[str, Path]]:
