@@ -259,7 +259,7 @@ def _fixed_point_scales(grad: torch.Tensor, image: torch.Tensor | None,
     C * max|grad| * 2 max|image| (a trilinear derivative is a weighted mean of neighbour
     differences), or max|grad| for compose."""
     n = flow.shape[2] * flow.shape[3] * flow.shape[4]
-    peak = grad.detach().abs().amax().float()
-    peak_q = peak if image is None else peak * image.detach().abs().amax().float() * (
+    peak = grad.detach().abs().amax().double()
+    peak_q = peak if image is None else peak * image.detach().abs().amax().double() * (
         2 * image.shape[1])
     return torch.cat([fixed_point_scale(peak, n), fixed_point_scale(peak_q, n)])

@@ -306,11 +306,17 @@ def _pos_strides(pos: torch.Tensor, source: int) -> tuple[int, ...]:
 
 
 def fixed_point_scale(peak: torch.Tensor, count: int) -> torch.Tensor:
-    """Power-of-two scale (1 element, on the device: no host sync) so that `count` additions of
-    at most `peak` (a 0-dim bound on |x|) fit in int64; capped so that it stays a finite float
-    when the bound is tiny or zero."""
-    bits = torch.floor(_FIXED_POINT_BITS - torch.log2(peak.clamp_min(1e-30) * count))
-    return torch.exp2(bits.clamp_max(120.0)).reshape(1)
+    """Power-of-two float32 scale (1 element, on the device: no host sync) so that `count`
+    additions of at most `peak` (a 0-dim bound on |x|) fit in int64; capped so that it stays a
+    finite float when the bound is tiny or zero. Computed in float64: a bound past float32's
+    range (a product of two maxima) still gives a scale, as no scattered float32 value exceeds
+    float32's largest. A non-finite bound (an inf or NaN among the scattered values, such as an
+    fp16 overflow that a GradScaler must see) gives a NaN scale: the whole gradient comes out NaN
+    instead of rounded integers that hide it."""
+    p = peak.double()
+    bound = torch.where(p.isfinite(), p.clamp(1e-30, torch.finfo(torch.float32).max), torch.nan)
+    bits = torch.floor(_FIXED_POINT_BITS - torch.log2(bound * count))
+    return torch.exp2(bits.clamp_max(120.0)).float().reshape(1)
 
 
 def forward(image: torch.Tensor, pos: torch.Tensor, source: int, mode: int, padding: int,
@@ -346,7 +352,7 @@ def backward(grad_out: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, sou
     else:
         gpos = torch.empty_like(pos) if pos_grad else pos.new_empty(1)
     # each output voxel adds at most max|grad_out| (trilinear weights sum to 1)
-    scale = (fixed_point_scale(grad_out.detach().abs().amax().float(), OD * OH * OW)
+    scale = (fixed_point_scale(grad_out.detach().abs().amax(), OD * OH * OW)
              if image_grad and deterministic
              else torch.ones(1, device=image.device))
     wide = wide_indices(image, pos, grad_out)

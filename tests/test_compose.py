@@ -245,6 +245,29 @@ def test_deterministic_gradients(device, backend):
         check_close(runs[0], upstream_grads(ref(), inputs), tolerance(device, torch.float32))
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+def test_deterministic_gradients_at_float32_extremes(device, backend):
+    """deterministic=True with a scale bound past float32's range (an incoming gradient near its
+    largest values, or affine_flow_warp's product of two maxima) still gives the float path's
+    gradients; an inf or NaN in the incoming gradient is not lost (a GradScaler must see it)."""
+    theta, flow, image = make_inputs(device, flow_scale=0.5)
+    theta[:, :, :3] *= 0.5
+    for t in (theta, flow, image):
+        t.requires_grad_()
+    for fn, inputs, big in (
+        (lambda det: compose(theta, flow, deterministic=det, backend=backend), [flow], 1e36),
+        (lambda det: affine_flow_warp(1e6 * image, theta, flow, deterministic=det,
+                                      backend=backend), [image, flow], 1e29),
+    ):
+        up = big * torch.randn_like(fn(False))
+        fixed = torch.autograd.grad(fn(True), inputs, up)
+        check_close(fixed, torch.autograd.grad(fn(False), inputs, up), 1e-5)
+        for bad in (float("inf"), float("nan")):
+            up[1, 0, 2, 3, 4] = bad
+            for g in torch.autograd.grad(fn(True), inputs, up):
+                assert not torch.isfinite(g).all()
+
+
 @pytest.mark.skipif(("cpu", "triton") not in BACKENDS, reason="needs Triton (TRITON_INTERPRET=1)")
 def test_deterministic_follows_torch_setting(monkeypatch):
     """deterministic=None takes torch.are_deterministic_algorithms_enabled(); an explicit bool

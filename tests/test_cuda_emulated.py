@@ -178,6 +178,46 @@ def test_deterministic_scatters_are_bitwise_reproducible(cuda_emulated, op):
         assert rel_err(a, b) <= 1e-6
 
 
+def scattered_gradients(ops, op: str, go: torch.Tensor, image: torch.Tensor, flow: torch.Tensor,
+                        deterministic: bool) -> list[torch.Tensor]:
+    """The gradients `op`'s backward scatters (warp: d image; compose: d flow; affine_flow_warp:
+    d image and d flow), theta a shrink that sends many voxels to each target."""
+    theta = torch.eye(3, 4).repeat(BATCH, 1, 1)
+    theta[:, :, :3] *= 0.5
+    if op == "warp":
+        return [ops.warp_backward(go, image, flow, 0, 0, deterministic, True, False)[0]]
+    if op == "compose":
+        return [ops.compose_bwd(go, theta, flow, False, 0, deterministic, False, True)[1]]
+    out = ops.affine_flow_warp_bwd(go, image, theta, flow, False, 0, deterministic, True, False,
+                                   True)
+    return [out[0], out[2]]
+
+
+@pytest.mark.parametrize("op", ["warp", "compose", "affine_flow_warp"])
+def test_deterministic_scatters_at_float32_extremes(cuda_emulated, op):
+    """deterministic=True at the edges of float32. A scale bound past float32's range (values
+    near its largest, or affine_flow_warp's product of two maxima) still gives the float-atomic
+    result; one inf or NaN in the incoming gradient (an fp16 overflow, which a GradScaler must
+    see) makes the whole fixed-point gradient NaN, never finite integers that hide it."""
+    image, flow = inputs((BATCH, 2, 6, 7, 9), (BATCH, 3, 6, 7, 9), scale=0.3)
+    go = inputs(flow.shape if op == "compose" else image.shape, seed=3)[0]
+    if op == "affine_flow_warp":  # bound 2 C max|grad| max|image| * count overflows float32
+        image, go = image * 1e6, go * 1e29
+    else:  # bound max|grad| * count overflows float32
+        go = go * 1e36
+    fixed = scattered_gradients(cuda_emulated, op, go, image, flow, True)
+    floats = scattered_gradients(cuda_emulated, op, go, image, flow, False)
+    for a, b in zip(fixed, floats, strict=True):
+        assert torch.isfinite(b).all() and rel_err(a, b) <= 1e-6
+    for bad in (float("inf"), float("nan")):
+        go_bad = go.clone()
+        go_bad[1, 0, 2, 3, 4] = bad
+        for g in scattered_gradients(cuda_emulated, op, go_bad, image, flow, True):
+            assert g.isnan().all()
+        for g in scattered_gradients(cuda_emulated, op, go_bad, image, flow, False):
+            assert not torch.isfinite(g).all()  # as the float atomics propagate it
+
+
 # ---- lncc ------------------------------------------------------------------------------------
 
 

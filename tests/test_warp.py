@@ -156,6 +156,25 @@ def test_deterministic_zero_grad_out(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+def test_deterministic_image_grad_at_float32_extremes(device, backend):
+    """deterministic=True with a scale bound past float32's range (an incoming gradient near its
+    largest values) still gives the float path's image gradient; an inf or NaN in the incoming
+    gradient is not lost (a GradScaler must see it)."""
+    image = torch.randn(1, 2, 5, 6, 7, device=device, requires_grad=True)
+    flow = 0.5 * torch.randn(1, 3, 5, 6, 7, device=device)
+    up = 1e36 * torch.randn(1, 2, 5, 6, 7, device=device)
+
+    def image_grad(det: bool) -> torch.Tensor:
+        out = warp(image, flow, deterministic=det, backend=backend)
+        return torch.autograd.grad(out, [image], up)[0]
+
+    assert rel_err(image_grad(True), image_grad(False)) <= 1e-6
+    for bad in (float("inf"), float("nan")):
+        up[0, 1, 2, 3, 4] = bad
+        assert not torch.isfinite(image_grad(True)).all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
 def test_non_finite_flow(device, backend):
     """NaN positions read nothing with zeros padding, the first voxel with border (reference)."""
     image = torch.randn(1, 2, 5, 6, 7, device=device)

@@ -114,9 +114,9 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
     // * 2 max|image| (a trilinear derivative is a weighted mean of neighbour differences), or
     // max|grad| for compose.
     const int64_t N = flow.size(2) * flow.size(3) * flow.size(4);
-    const at::Tensor peak = grad.abs().amax().to(at::kFloat);
+    const at::Tensor peak = grad.abs().amax().to(at::kDouble);
     const at::Tensor peak_q =
-        kWarp ? peak * image.abs().amax().to(at::kFloat) * double(2 * image.size(1)) : peak;
+        kWarp ? peak * image.abs().amax().to(at::kDouble) * double(2 * image.size(1)) : peak;
     scales = at::cat({fixed_point_scale(peak, N), fixed_point_scale(peak_q, N)});
   }
   at::Tensor dtheta;

@@ -7,6 +7,8 @@
 // theta: 12 moments reduced per block into a buffer, then summed per batch in a fixed order
 // (theta_grad_cuda, also used by compose and affine_flow_warp).
 #pragma once
+#include <limits>
+
 #include "cuda/launch.cuh"
 #include "sampler_host.h"
 
@@ -51,10 +53,18 @@ __device__ __forceinline__ void scatter_add(void* buf, int64_t i, T x, T scale) 
 
 // Power-of-two scale (a 1-element float tensor on the device, no host sync) such that `count`
 // additions of at most `peak` (a 0-dim bound on |x|) cannot overflow the int64 accumulator;
-// capped so that it stays a finite float when the bound is tiny or zero.
+// capped so that it stays a finite float when the bound is tiny or zero. Computed in double: a
+// bound past float's range (a product of two maxima) still gives a scale, as no scattered float
+// exceeds float's largest. A non-finite bound (an inf or NaN among the scattered values, such as
+// an fp16 overflow that a GradScaler must see) gives a NaN scale: the whole gradient comes out
+// NaN instead of rounded integers that hide it.
 inline at::Tensor fixed_point_scale(const at::Tensor& peak, int64_t count) {
-  const auto p = peak.to(at::kFloat).clamp_min(1e-30);
-  return at::exp2(at::floor(62.0 - at::log2(p * double(count))).clamp_max(120.0)).reshape({1});
+  const auto p = peak.to(at::kDouble);
+  const auto bound = at::where(p.isfinite(), p.clamp(1e-30, std::numeric_limits<float>::max()),
+                               std::numeric_limits<double>::quiet_NaN());
+  return at::exp2(at::floor(62.0 - at::log2(bound * double(count))).clamp_max(120.0))
+      .to(at::kFloat)
+      .reshape({1});
 }
 
 // A fixed-point accumulator back to `dtype`.
