@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -74,8 +75,14 @@ def add_pretrain(sub) -> None:
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from gvsl_fast.train.config import TrainConfig
-    from gvsl_fast.train.loop import pretrain
+    from gvsl_fast.train.host_memory import keep_freed_memory
+    from gvsl_fast.train.loop import choose_device, pretrain
 
+    # this process is the run: on the CPU, spare each step the page faults of fresh activations
+    if choose_device(args.device, int(os.environ.get("LOCAL_RANK", "0"))).type == "cpu":
+        note = keep_freed_memory()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"gvsl-fast: CPU training: {note}", file=sys.stderr)
     cfg = TrainConfig(
         data=args.data, out=args.out, cache=args.cache, preset=args.preset, steps=args.steps,
         batch_size=args.batch_size, patch=_triple(args.patch) if args.patch else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from common import rel_err
 
 from gvsl_fast.cli import main
 from gvsl_fast.models import GVSL, UNet3D
-from gvsl_fast.train import checkpoint, loop
+from gvsl_fast.train import checkpoint, host_memory, loop
 from gvsl_fast.train.config import TrainConfig
 from gvsl_fast.train.distributed import DistInfo
 from gvsl_fast.train.logs import LOSSES, TRAIN_COLUMNS
@@ -46,15 +47,16 @@ def _cfg(out: Path, cache: Path, **kw) -> TrainConfig:
 
 
 @pytest.mark.slow
-def test_default_amp_run_learns_on_real_anatomy(tmp_path, cohort_cache, monkeypatch):
+def test_default_amp_run_learns_on_real_anatomy(tmp_path, cohort_cache, monkeypatch, capsys):
     """`gvsl-fast pretrain --amp` on the embedded MNI152 cohort: on the fixed evaluation pair the
     total and NCC losses go down, and the run folder holds a checkpoint, the CSV histories and
-    both pictures."""
+    both pictures. The CPU run says how it set malloc."""
     monkeypatch.setenv("GVSL_FAST_CACHE", str(cohort_cache))
     out = tmp_path / "run"
     code = main(["pretrain", "--amp", "--out", str(out), "--steps", "60", "--patch", "32",
                  "--save-every", "30", "--keep-last", "1", "--no-progress", "--lr", "3e-4"])
     assert code == 0
+    assert "gvsl-fast: CPU training: " in capsys.readouterr().err
     assert len(_history(out)) == 60
     with (out / "eval.csv").open() as f:
         evals = list(csv.DictReader(f))
@@ -65,6 +67,41 @@ def test_default_amp_run_learns_on_real_anatomy(tmp_path, cohort_cache, monkeypa
     assert checkpoint.list_checkpoints(out)[-1].name == "ckpt_00000060.pt"
     for png in ("loss_curves.png", "registration_preview.png"):
         assert (out / png).read_bytes()[:8] == PNG
+
+
+HEAP_PROBE = """
+import torch
+from gvsl_fast.train.host_memory import keep_freed_memory
+
+def in_heap(t):  # whether t lies in the brk heap, not in a block mmapped for it alone
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            return lo <= t.data_ptr() < hi
+    return False
+
+before = in_heap(torch.empty(64 << 20, dtype=torch.uint8))  # past glibc's own 32 MiB at most
+print(keep_freed_memory())
+print(before, in_heap(torch.empty(64 << 20, dtype=torch.uint8)))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+@pytest.mark.parametrize("user_setting", [None, "MALLOC_MMAP_THRESHOLD_"])
+def test_cpu_training_keeps_freed_memory_for_reuse(user_setting):
+    """keep_freed_memory (what `pretrain` on the CPU calls first): a 64 MiB block, mmapped on
+    its own before, comes from the heap after; a malloc setting in the environment is left as
+    the user made it."""
+    env = {k: v for k, v in os.environ.items() if k not in host_memory.USER_SETTINGS}
+    if user_setting:
+        env[user_setting] = str(1 << 20)
+    proc = subprocess.run([sys.executable, "-c", HEAP_PROBE], env=env, capture_output=True,
+                          text=True, timeout=300, check=True)
+    note, placed = proc.stdout.strip().splitlines()[-2:]
+    if user_setting is None:
+        assert note.startswith("large blocks kept in the heap") and placed == "False True"
+    else:
+        assert note == f"malloc left as {user_setting} sets it" and placed == "False False"
 
 
 @pytest.mark.parametrize("bf16_kernels", [True, False])
