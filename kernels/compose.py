@@ -27,6 +27,7 @@ from gvsl_fast.kernels.warp import (
     affine_maps,
     batch_launches,
     fixed_point_scale,
+    from_fixed,
     on_device,
     theta_grad,
     wide_indices,
@@ -242,14 +243,16 @@ def backward(grad: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor,
                                            NEED_IMAGE=need_image, NEED_THETA=need_theta,
                                            NEED_FLOW=need_flow, FIXED=fixed, WIDE=wide,
                                            BLOCK=BLOCK)
-    if fixed:
-        dimage, dflow = dimage.double() / scales[0].double(), dflow.double() / scales[1].double()
     if need_theta:
         size = tuple(flow.shape[2:])
         dtheta = theta_grad(part.double().sum(1), size, size, align_corners)
-    return (dimage.to(flow.dtype) if need_image else flow.new_empty(0),
+
+    def back(acc: torch.Tensor, i: int) -> torch.Tensor:
+        return from_fixed(acc, scales[i], flow.dtype) if fixed else acc.to(flow.dtype)
+
+    return (back(dimage, 0) if need_image else flow.new_empty(0),
             dtheta.to(theta.dtype) if need_theta else flow.new_empty(0),
-            dflow.to(flow.dtype) if need_flow else flow.new_empty(0))
+            back(dflow, 1) if need_flow else flow.new_empty(0))
 
 
 def _fixed_point_scales(grad: torch.Tensor, image: torch.Tensor | None,

@@ -319,6 +319,11 @@ def fixed_point_scale(peak: torch.Tensor, count: int) -> torch.Tensor:
     return torch.exp2(bits.clamp_max(120.0)).float().reshape(1)
 
 
+def from_fixed(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A fixed-point accumulator (int64, scaled by `scale`) back to `dtype`."""
+    return (acc.double() / scale.double()).to(dtype)
+
+
 def forward(image: torch.Tensor, pos: torch.Tensor, source: int, mode: int, padding: int,
             align_corners: bool, out_spatial) -> torch.Tensor:
     """Samples `image` at the positions of `pos` (flow, grid or (B, 12) affine index maps)."""
@@ -367,8 +372,7 @@ def backward(grad_out: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, sou
             )
     d_image = None
     if image_grad:
-        d_image = (gimg.double() / scale.double()) if deterministic else gimg
-        d_image = d_image.to(image.dtype)
+        d_image = from_fixed(gimg, scale, image.dtype) if deterministic else gimg.to(image.dtype)
     d_pos = None
     if pos_grad:
         d_pos = gpos.double().sum(1) if source == AFFINE else gpos
