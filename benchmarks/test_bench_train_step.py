@@ -14,9 +14,21 @@ of the registration ops and losses on tensors shaped and laid out as in the step
 features, with the upstream gradient of their warp injected as the deformable head's backward
 would return it); the convolutions are the rest of the step. CPU: 2x1x64^3. GPU: 2x1x128^3,
 fp32 and AMP, with peak memory.
+
+CPU process: ``gvsl-fast pretrain`` itself (cpu-short preset), which keeps freed memory in
+glibc's heap for reuse (gvsl_fast.train.host_memory), against the same command with glibc's
+malloc as it is; seconds per step and peak resident memory, both runs in the same test.
 """
 
 from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +45,7 @@ from conftest import median_time, record, sync
 from gvsl_fast.data import AppearanceTransform, SpatialTransform
 from gvsl_fast.models import GVSL, UNet3D
 from gvsl_fast.ops import reference
+from gvsl_fast.train.host_memory import USER_SETTINGS
 
 
 class OriginalGVSL(GVSL):
@@ -182,3 +195,43 @@ def test_train_step_cpu(benchmark):
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
 def test_train_step_gpu(benchmark, gpu, amp):
     _measure(benchmark, gpu, (128, 128, 128), amp=amp, rounds=5)
+
+
+PRETRAIN_STEPS = 8
+
+
+def _pretrain_process(out: Path, cache: Path, env: dict[str, str]) -> tuple[float, int]:
+    """Median seconds per step (the first left out) and peak resident bytes of one
+    `gvsl-fast pretrain` process on the CPU (cpu-short preset)."""
+    env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS} | env
+    env["GVSL_FAST_CACHE"] = str(cache)
+    cmd = [sys.executable, "-m", "gvsl_fast.cli", "pretrain", "--device", "cpu", "--steps",
+           str(PRETRAIN_STEPS), "--out", str(out), "--no-progress", "--save-every", "1000"]
+    log = out.with_suffix(".log")
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    with (out / "history.csv").open() as f:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    return statistics.median(seconds[1:]), usage.ru_maxrss * 1024  # KiB on Linux
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_pretrain_cpu_host_memory(benchmark, tmp_path):
+    cache = tmp_path / "cache"
+    # GLIBC_TUNABLES set (even empty): pretrain leaves malloc as it is
+    default_step, default_rss = _pretrain_process(tmp_path / "default", cache,
+                                                  {"GLIBC_TUNABLES": ""})
+    runs = []
+    benchmark.pedantic(lambda: runs.append(_pretrain_process(tmp_path / "kept", cache, {})),
+                       rounds=1, iterations=1)
+    step, rss = runs[0]
+    record(benchmark, seconds=step, shape=(2, 1, 48, 48, 48), dtype=torch.float32,
+           backend="gvsl-fast pretrain (cpu-short)", device="cpu", bytes_moved=0,
+           baselines={"glibc_default_malloc": default_step})
+    benchmark.extra_info.update(
+        steps=PRETRAIN_STEPS, peak_rss_mib=round(rss / 2**20),
+        glibc_default_malloc_peak_rss_mib=round(default_rss / 2**20),
+        peak_rss_ratio=round(rss / default_rss, 3))
