@@ -3,6 +3,8 @@
 ``backend="auto"`` takes the CUDA extension for CUDA tensors, else Triton, else the reference;
 for CPU tensors the C++ extension, else the reference. A fallback is announced once per op and
 reason, never silent. Asking for a backend that cannot run raises an error naming what is missing.
+Forward-mode AD and ``torch.func``'s gradient transforms need the reference too
+(:func:`autodiff_error`): the kernels have first-order reverse-mode gradients only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch._C import _functorch
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -89,16 +93,43 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | Non
     raise AssertionError(backend)
 
 
+FORWARD_AD = ("forward-mode AD (torch.func.jvp, jacfwd, forward_ad dual tensors) needs the "
+              "reference: the kernels have no forward derivative")
+FUNC_GRAD = ("torch.func's gradient transforms (grad, vjp, jacrev, hessian) need the reference: "
+             "the kernels' autograd does not run under torch.func")
+
+
+def autodiff_error(tensors: Sequence[torch.Tensor]) -> str | None:
+    """Why the kernels cannot differentiate a call on `tensors`, or None. PyTorch would not
+    refuse it but get it wrong in silence: a custom op drops forward-mode tangents (a zero
+    ``torch.func.jvp``), and under ``torch.func.grad`` its autograd does not run."""
+    if torch.compiler.is_compiling():  # traced graphs carry no tangents or torch.func wrappers
+        return None
+    for t in tensors:
+        while True:
+            if fwAD.unpack_dual(t).tangent is not None:
+                return FORWARD_AD
+            if not _functorch.is_functorch_wrapped_tensor(t):
+                break
+            if _functorch.is_gradtrackingtensor(t):
+                return FUNC_GRAD
+            t = _functorch.get_unwrapped(t)  # e.g. vmap's batched tensor: look beneath it
+    return None
+
+
 def resolve(op: str, backend: str, tensors: Sequence[torch.Tensor]) -> str:
     """The concrete backend that runs `op` on `tensors` for the requested `backend`."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     device, dtype = tensors[0].device, tensors[0].dtype
+    autodiff = autodiff_error(tensors) if backend != "reference" else None
     if backend != "auto":
-        why = why_not(backend, device, dtype)
+        why = why_not(backend, device, dtype) or autodiff
         if why:
             raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
         return backend
+    if autodiff:
+        return fallback(op, autodiff)
     order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     reasons = []
     for cand in order:
@@ -109,12 +140,16 @@ def resolve(op: str, backend: str, tensors: Sequence[torch.Tensor]) -> str:
     return fallback(op, "; ".join(reasons))
 
 
+def announce(op: str, what: str, stacklevel: int = 3) -> None:
+    """Warn ``gvsl_fast.ops.<op>: <what>`` once per (op, what)."""
+    if (op, what) not in _announced:
+        _announced.add((op, what))
+        warnings.warn(f"gvsl_fast.ops.{op}: {what}", RuntimeWarning, stacklevel=stacklevel)
+
+
 def fallback(op: str, why: str) -> str:
     """``"reference"``, saying once per (op, reason) that backend='auto' falls back to it."""
-    if (op, why) not in _announced:
-        _announced.add((op, why))
-        warnings.warn(f"gvsl_fast.ops.{op}: backend='auto' falls back to the PyTorch reference: "
-                      f"{why}", RuntimeWarning, stacklevel=4)
+    announce(op, f"backend='auto' falls back to the PyTorch reference: {why}", stacklevel=5)
     return "reference"
 
 

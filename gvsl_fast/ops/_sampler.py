@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gvsl_fast.ops import _backend
+from gvsl_fast.ops import _autodiff, _backend
 
 MODE_CODES = {"bilinear": 0, "nearest": 1}
 PADDING_CODES = {"zeros": 0, "border": 1}
@@ -37,8 +37,10 @@ def grad_like(t: torch.Tensor, wanted: bool) -> torch.Tensor:
     return torch.empty_like(t) if wanted else t.new_empty(0)
 
 
-def register(qualname: str, out_spatial: Callable[[torch.Tensor, torch.Tensor], tuple]) -> None:
-    """Fake kernels for ``qualname``'s forward and backward, and autograd for the forward."""
+def register(qualname: str, out_spatial: Callable[[torch.Tensor, torch.Tensor], tuple],
+             reference: Callable[..., torch.Tensor]) -> None:
+    """Fake kernels for ``qualname``'s forward and backward, and autograd for the forward;
+    ``reference(image, pos, *args)`` is the op in ``reference.py``, for double backward."""
     ns, name = qualname.split("::")
     backward_op = getattr(getattr(torch.ops, ns), f"{name}_backward")
 
@@ -59,6 +61,10 @@ def register(qualname: str, out_spatial: Callable[[torch.Tensor, torch.Tensor], 
     def backward(ctx, grad_out):
         image, pos = ctx.saved_tensors
         need_image, need_pos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph=True
+            return _autodiff.reference_grads(
+                name, lambda i, p: reference(i, p, *ctx.args), (image, pos),
+                (need_image, need_pos), (grad_out,)) + (None,) * len(ctx.args)
         d_image, d_pos = backward_op(
             _backend.layout(grad_out), image, pos, *ctx.args, need_image, need_pos
         )
@@ -87,12 +93,12 @@ def saves_derivative(backend: str, image: torch.Tensor, positions: Sequence[torc
             and image.shape[1] <= SAVED_DERIVATIVE_CHANNELS)
 
 
-def register_saved(qualname: str,
-                   out_spatial: Callable[[torch.Tensor, torch.Tensor], tuple]) -> None:
+def register_saved(qualname: str, out_spatial: Callable[[torch.Tensor, torch.Tensor], tuple],
+                   reference: Callable[..., torch.Tensor]) -> None:
     """Fake kernels and autograd for ``qualname``'s saved-derivative pair:
     ``<name>_forward_saved(image, pos, *args) -> (out, dpos)`` with dpos (B, 3C, D', H', W') in
     the accumulation dtype, and ``<name>_backward_saved(grad_out, dpos, image, pos, *args) ->
-    d pos``. Only the position gets a gradient."""
+    d pos``. Only the position gets a gradient; ``reference`` as for :func:`register`."""
     ns, name = qualname.split("::")
     backward_op = getattr(getattr(torch.ops, ns), f"{name}_backward_saved")
 
@@ -116,7 +122,11 @@ def register_saved(qualname: str,
     def backward(ctx, grad_out, _grad_dpos):
         dpos, image, pos = ctx.saved_tensors
         d_pos = None  # an undefined grad_out (not materialized) is a zero one
-        if grad_out is not None:
+        if grad_out is not None and torch.is_grad_enabled():  # create_graph=True
+            d_pos = _autodiff.reference_grads(
+                name, lambda i, p: reference(i, p, *ctx.args), (image, pos), (False, True),
+                (grad_out,))[1]
+        elif grad_out is not None:
             d_pos = backward_op(_backend.layout(grad_out), dpos, image, pos, *ctx.args)
         return (None, d_pos, *([None] * len(ctx.args)))
 

@@ -38,9 +38,14 @@ def _image_spatial(image: Tensor, theta: Tensor) -> tuple:
     return tuple(image.shape[2:])
 
 
+def _reference_affine_warp(image: Tensor, theta: Tensor, padding: int, align_corners: bool,
+                           *_) -> Tensor:
+    return reference.affine_warp(image, theta, align_corners, reference.PADDINGS[padding])
+
+
 for _ns in ("gvsl_fast", TRITON_NS):
     if _ns == TRITON_NS or _backend.extension_error() is None:
-        _sampler.register(f"{_ns}::affine_warp", _image_spatial)
+        _sampler.register(f"{_ns}::affine_warp", _image_spatial, _reference_affine_warp)
 
 
 def affine_warp(image: Tensor, theta: Tensor, align_corners: bool = False,

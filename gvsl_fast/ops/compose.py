@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from gvsl_fast.ops import _backend, _sampler, reference
+from gvsl_fast.ops import _autodiff, _backend, _sampler, reference
+from gvsl_fast.ops._sampler import PADDING_CODES
 
 __all__ = ["compose", "affine_flow_warp"]
-
-_PADDING = {"zeros": 0, "border": 1}
 
 
 # ---- Triton ops: the same four schemas as the C++ ops -------------------------------------
@@ -101,6 +100,9 @@ def _register(suffix: str) -> dict[str, object]:
     def compose_backward(ctx, grad):
         theta, flow = ctx.saved_tensors
         need = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True
+            return _autodiff.reference_grads("compose", _reference(ctx, reference.compose),
+                                             (theta, flow), need, (grad,)) + (None, None, None)
         dtheta, dflow = compose_bwd(grad, theta, flow, ctx.align_corners, ctx.padding,
                                     ctx.deterministic, *need)
         return _only(need, (dtheta, dflow)) + (None, None, None)
@@ -108,6 +110,10 @@ def _register(suffix: str) -> dict[str, object]:
     def afw_backward(ctx, grad):
         image, theta, flow = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True
+            return _autodiff.reference_grads(
+                "affine_flow_warp", _reference(ctx, reference.affine_flow_warp),
+                (image, theta, flow), need, (grad,)) + (None, None, None)
         grads = afw_bwd(grad, image, theta, flow, ctx.align_corners, ctx.padding,
                         ctx.deterministic, *need)
         return _only(need, grads) + (None, None, None)
@@ -116,6 +122,12 @@ def _register(suffix: str) -> dict[str, object]:
     torch.library.register_autograd(afwd, afw_backward, setup_context=setup)
     return {"compose": getattr(ns, f"compose_fwd{suffix}"),
             "affine_flow_warp": getattr(ns, f"affine_flow_warp_fwd{suffix}")}
+
+
+def _reference(ctx, op):
+    """``op`` from reference.py with the options the forward saved on ``ctx``."""
+    padding = reference.PADDINGS[ctx.padding]
+    return lambda *tensors: op(*tensors, ctx.align_corners, padding)
 
 
 def _only(need, grads) -> tuple:
@@ -152,6 +164,11 @@ def _register_saved() -> None:
         need = ctx.needs_input_grad[1:3]
         if grad is None:  # an undefined (not materialized) grad is a zero one
             return None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _autodiff.reference_grads(
+                "affine_flow_warp", _reference(ctx, reference.affine_flow_warp),
+                (image, theta, flow), (False, *need), (grad,))
+            return (*grads, None, None)
         grads = backward_op(_backend.layout(grad), saved, image, theta, flow, ctx.align_corners,
                             ctx.padding, *need)
         return (None, *_only(need, grads), None, None)
@@ -225,7 +242,7 @@ def compose(theta: torch.Tensor, flow: torch.Tensor, align_corners: bool = False
     if be == "reference":
         return reference.compose(theta, flow, align_corners, padding_mode)
     return _OPS[be]["compose"](theta.contiguous(), _backend.layout(flow), align_corners,
-                               _PADDING[padding_mode], det)
+                               PADDING_CODES[padding_mode], det)
 
 
 def affine_flow_warp(image: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor,
@@ -261,7 +278,7 @@ def affine_flow_warp(image: torch.Tensor, theta: torch.Tensor, flow: torch.Tenso
     if be == "reference":
         return reference.affine_flow_warp(image, theta, flow, align_corners, padding_mode)
     args = (_backend.layout(image), theta.contiguous(), _backend.layout(flow), align_corners,
-            _PADDING[padding_mode])
+            PADDING_CODES[padding_mode])
     if _sampler.saves_derivative(be, image, (theta, flow), "bilinear"):
         return torch.ops.gvsl_fast.affine_flow_warp_fwd_saved(*args)[0]
     return _OPS[be]["affine_flow_warp"](*args, det)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gvsl_fast.ops import _backend, reference
+from gvsl_fast.ops import _autodiff, _backend, reference
 from gvsl_fast.ops.reference import PRESETS, REDUCTIONS
 
 __all__ = ["lncc", "NCC", "LocalNormalizedCrossCorrelationLoss"]
@@ -126,6 +126,13 @@ def make_backward(backward_op):
             return (None,) * 9
         a, b, coef = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph=True
+            window, eps, preset, smooth_nr = ctx.params
+            reduction = next(k for k, v in REDUCTIONS_CODE.items() if v == ctx.reduction)
+            return _autodiff.reference_grads(
+                OP, lambda x, y: reference.lncc(x, y, window, eps, reduction, PRESETS[preset],
+                                                smooth_nr=smooth_nr),
+                (a, b), (need_a, need_b), (grad,)) + (None,) * 7
         g = grad_of_cc(grad, a, ctx.reduction)
         ga, gb = backward_op(g, a, b, coef, *ctx.params, need_a, need_b)
         return (ga if need_a else None, gb if need_b else None) + (None,) * 7

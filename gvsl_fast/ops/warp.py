@@ -66,13 +66,24 @@ def _grid_spatial(image: Tensor, grid: Tensor) -> tuple:
     return tuple(grid.shape[1:4])
 
 
+# The ops in reference.py, called with the op schemas' arguments (trailing `deterministic`).
+def _reference_warp(image: Tensor, flow: Tensor, mode: int, padding: int, *_) -> Tensor:
+    return reference.warp(image, flow, reference.MODES[mode], reference.PADDINGS[padding])
+
+
+def _reference_grid_sample(image: Tensor, grid: Tensor, mode: int, padding: int,
+                           align_corners: bool, *_) -> Tensor:
+    return reference.grid_sample(image, grid, reference.MODES[mode], reference.PADDINGS[padding],
+                                 align_corners)
+
+
 for _ns in ("gvsl_fast", TRITON_NS):
     if _ns == TRITON_NS or _backend.extension_error() is None:
-        _sampler.register(f"{_ns}::warp", _flow_spatial)
-        _sampler.register(f"{_ns}::grid_sample", _grid_spatial)
+        _sampler.register(f"{_ns}::warp", _flow_spatial, _reference_warp)
+        _sampler.register(f"{_ns}::grid_sample", _grid_spatial, _reference_grid_sample)
 if _backend.extension_error() is None:
-    _sampler.register_saved("gvsl_fast::warp", _flow_spatial)
-    _sampler.register_saved("gvsl_fast::grid_sample", _grid_spatial)
+    _sampler.register_saved("gvsl_fast::warp", _flow_spatial, _reference_warp)
+    _sampler.register_saved("gvsl_fast::grid_sample", _grid_spatial, _reference_grid_sample)
 
 
 # ---- public API ----------------------------------------------------------------------------
