@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
+from gvsl_fast import ops
 from gvsl_fast.ops import _backend
 
 HALF = (torch.float16, torch.bfloat16)
@@ -90,3 +91,50 @@ def volumes(shape, device="cpu", dtype=torch.float32, seed=0):
     a = torch.rand(shape, generator=g, dtype=torch.float64)
     b = (0.6 * a + 0.4 * torch.rand(shape, generator=g, dtype=torch.float64))  # correlated
     return a.to(device, dtype), b.to(device, dtype)
+
+
+# ---- every op on small float64-drawn inputs (autodiff and autocast tests) -------------------
+
+OPS = ["warp", "grid_sample", "affine_warp", "compose", "affine_flow_warp", "lncc"]
+OP_SIZE = (3, 4, 5)
+
+
+def op_inputs(name: str, device, dtype, image_grad: bool, seed: int = 0) -> list[torch.Tensor]:
+    """Small inputs of op `name`, positions off the integer grid and partly outside the volume;
+    which require grad: every position (flow, grid, theta), lncc's two volumes, and the image
+    as `image_grad` says."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    theta = torch.eye(3, 4, dtype=torch.float64).unsqueeze(0) + rand(1, 3, 4, scale=0.1)
+    image = rand(1, 2, *OP_SIZE)
+    tensors = {
+        "warp": [image, rand(1, 3, *OP_SIZE, scale=1.3)],
+        "grid_sample": [image, rand(1, 2, 3, 4, 3, scale=0.7)],
+        "affine_warp": [image, theta],
+        "compose": [theta, rand(1, 3, *OP_SIZE, scale=1.3)],
+        "affine_flow_warp": [image, theta, rand(1, 3, *OP_SIZE, scale=1.3)],
+        "lncc": [image, 0.5 * image + rand(1, 2, *OP_SIZE, scale=0.5)],
+    }[name]
+    has_image = name not in ("compose", "lncc")
+    out = []
+    for i, t in enumerate(tensors):
+        grad = image_grad if has_image and i == 0 else True
+        out.append(t.to(device, dtype).requires_grad_(grad))
+    return out
+
+
+def op_call(name: str, backend: str):
+    """Op `name` on `backend`, taking op_inputs's tensors positionally."""
+    call = {
+        "warp": lambda x, f: ops.warp(x, f, backend=backend),
+        "grid_sample": lambda x, g: ops.grid_sample(x, g, align_corners=True, backend=backend),
+        "affine_warp": lambda x, t: ops.affine_warp(x, t, backend=backend),
+        "compose": lambda t, f: ops.compose(t, f, padding_mode="border", backend=backend),
+        "affine_flow_warp": lambda x, t, f: ops.affine_flow_warp(x, t, f, backend=backend),
+        "lncc": lambda a, b: ops.lncc(a, b, window=3, backend=backend),
+    }
+    return call[name]
+

@@ -10,56 +10,13 @@ import warnings
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from common import backend_ids, fast_backends, rel_err
+from common import OPS, backend_ids, fast_backends, op_call, op_inputs, rel_err
 
 from gvsl_fast import ops
 from gvsl_fast.ops import _backend
 
 BACKENDS = fast_backends()
 IDS = backend_ids(BACKENDS)
-SIZE = (3, 4, 5)
-
-
-def _inputs(name: str, device, dtype, image_grad: bool, seed: int = 0) -> list[torch.Tensor]:
-    """Small inputs of op `name`, positions off the integer grid and partly outside the volume;
-    which require grad: every position (flow, grid, theta), lncc's two volumes, and the image
-    as `image_grad` says."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    theta = torch.eye(3, 4, dtype=torch.float64).unsqueeze(0) + rand(1, 3, 4, scale=0.1)
-    image = rand(1, 2, *SIZE)
-    tensors = {
-        "warp": [image, rand(1, 3, *SIZE, scale=1.3)],
-        "grid_sample": [image, rand(1, 2, 3, 4, 3, scale=0.7)],
-        "affine_warp": [image, theta],
-        "compose": [theta, rand(1, 3, *SIZE, scale=1.3)],
-        "affine_flow_warp": [image, theta, rand(1, 3, *SIZE, scale=1.3)],
-        "lncc": [image, 0.5 * image + rand(1, 2, *SIZE, scale=0.5)],
-    }[name]
-    has_image = name not in ("compose", "lncc")
-    out = []
-    for i, t in enumerate(tensors):
-        grad = image_grad if has_image and i == 0 else True
-        out.append(t.to(device, dtype).requires_grad_(grad))
-    return out
-
-
-def _op(name: str, backend: str):
-    call = {
-        "warp": lambda x, f: ops.warp(x, f, backend=backend),
-        "grid_sample": lambda x, g: ops.grid_sample(x, g, align_corners=True, backend=backend),
-        "affine_warp": lambda x, t: ops.affine_warp(x, t, backend=backend),
-        "compose": lambda t, f: ops.compose(t, f, padding_mode="border", backend=backend),
-        "affine_flow_warp": lambda x, t, f: ops.affine_flow_warp(x, t, f, backend=backend),
-        "lncc": lambda a, b: ops.lncc(a, b, window=3, backend=backend),
-    }
-    return call[name]
-
-
-OPS = ["warp", "grid_sample", "affine_warp", "compose", "affine_flow_warp", "lncc"]
 # (op, whether its image requires grad): with a data image the CPU takes the saved-derivative
 # forwards of warp, grid_sample and affine_flow_warp, whose backward is registered separately.
 CASES = [(n, g) for n in OPS for g in ((False, True) if n not in ("compose", "lncc") else (True,))]
@@ -72,8 +29,8 @@ def _wanted(inputs):
 
 @pytest.mark.parametrize(("name", "image_grad"), CASES, ids=CASE_IDS)
 def test_gradgradcheck_cpu_float64(name, image_grad):
-    inputs = _inputs(name, "cpu", torch.float64, image_grad)
-    fn = _op(name, "cpu")
+    inputs = op_inputs(name, "cpu", torch.float64, image_grad)
+    fn = op_call(name, "cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the once-per-op announcement
         assert torch.autograd.gradgradcheck(fn, tuple(inputs))
@@ -82,8 +39,8 @@ def test_gradgradcheck_cpu_float64(name, image_grad):
 def _hessian_vector(name, backend, device, dtype, image_grad):
     """First-order gradients taken with create_graph=True, and the gradient of their dot product
     with a fixed random vector (a Hessian-vector product)."""
-    inputs = _inputs(name, device, dtype, image_grad)
-    out = _op(name, backend)(*inputs)
+    inputs = op_inputs(name, device, dtype, image_grad)
+    out = op_call(name, backend)(*inputs)
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = torch.autograd.grad(out, _wanted(inputs), go.to(device, out.dtype),
                                 create_graph=True)
@@ -130,15 +87,15 @@ def _tangents(inputs, seed=3):
 
 @pytest.mark.parametrize("name", OPS)
 def test_forward_mode_ad_gives_the_reference_tangent(name):
-    inputs = tuple(t.detach() for t in _inputs(name, "cpu", torch.float64, True))
+    inputs = tuple(t.detach() for t in op_inputs(name, "cpu", torch.float64, True))
     tangents = _tangents(inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out, tangent = torch.func.jvp(_op(name, "auto"), inputs, tangents)
+        out, tangent = torch.func.jvp(op_call(name, "auto"), inputs, tangents)
         with fwAD.dual_level():
-            dual = fwAD.unpack_dual(_op(name, "auto")(
+            dual = fwAD.unpack_dual(op_call(name, "auto")(
                 *(fwAD.make_dual(p, t) for p, t in zip(inputs, tangents, strict=True))))
-    ref_out, ref_tangent = torch.func.jvp(_op(name, "reference"), inputs, tangents)
+    ref_out, ref_tangent = torch.func.jvp(op_call(name, "reference"), inputs, tangents)
     assert ref_tangent.abs().max() > 0
     for got in (tangent, dual.tangent):
         assert got is not None and rel_err(got, ref_tangent) <= 1e-12
@@ -146,27 +103,27 @@ def test_forward_mode_ad_gives_the_reference_tangent(name):
 
 
 def test_forward_mode_ad_with_a_kernel_backend_is_an_error():
-    inputs = tuple(t.detach() for t in _inputs("warp", "cpu", torch.float64, True))
+    inputs = tuple(t.detach() for t in op_inputs("warp", "cpu", torch.float64, True))
     with pytest.raises(RuntimeError, match=r"warp: backend='cpu' is not available: "
                                            r"forward-mode AD"):
-        torch.func.jvp(_op("warp", "cpu"), inputs, _tangents(inputs))
+        torch.func.jvp(op_call("warp", "cpu"), inputs, _tangents(inputs))
 
 
 @pytest.mark.parametrize("name", OPS)
 def test_func_grad_matches_autograd(name):
-    inputs = _inputs(name, "cpu", torch.float64, True)
-    fn = _op(name, "cpu")
+    inputs = op_inputs(name, "cpu", torch.float64, True)
+    fn = op_call(name, "cpu")
     expected = torch.autograd.grad(fn(*inputs).sum(), inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        got = torch.func.grad(lambda *x: _op(name, "auto")(*x).sum(),
+        got = torch.func.grad(lambda *x: op_call(name, "auto")(*x).sum(),
                               argnums=tuple(range(len(inputs))))(*(t.detach() for t in inputs))
     for g, e in zip(got, expected, strict=True):
         assert rel_err(g, e) <= 1e-10, rel_err(g, e)
 
 
 def test_func_hessian_of_lncc_matches_the_reference():
-    a, b = (t.detach() for t in _inputs("lncc", "cpu", torch.float64, True))
+    a, b = (t.detach() for t in op_inputs("lncc", "cpu", torch.float64, True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         h = torch.func.hessian(lambda x: ops.lncc(x, b, window=3))(a)
@@ -177,10 +134,10 @@ def test_func_hessian_of_lncc_matches_the_reference():
 
 
 def test_vmap_runs_the_kernels():
-    inputs = [t.detach() for t in _inputs("warp", "cpu", torch.float32, False)]
+    inputs = [t.detach() for t in op_inputs("warp", "cpu", torch.float32, False)]
     batched = [torch.stack([t, 0.5 * t]) for t in inputs]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="gvsl_fast", category=RuntimeWarning)
-        got = torch.func.vmap(_op("warp", "cpu"))(*batched)
-    expected = torch.stack([_op("warp", "cpu")(*(t[i] for t in batched)) for i in range(2)])
+        got = torch.func.vmap(op_call("warp", "cpu"))(*batched)
+    expected = torch.stack([op_call("warp", "cpu")(*(t[i] for t in batched)) for i in range(2)])
     assert torch.equal(got, expected)

@@ -10,13 +10,17 @@ Forward-mode AD and ``torch.func``'s gradient transforms need the reference too
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C import _functorch
+
+F = TypeVar("F", bound=Callable)
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -174,6 +178,32 @@ def deterministic(op: str, flag: bool | None) -> bool:
     if not isinstance(flag, bool):
         raise TypeError(f"{op}: `deterministic` must be a bool or None, got {flag!r}")
     return flag
+
+
+def promotes_under_autocast(op: F) -> F:
+    """Decorates a public op: under ``torch.autocast`` its floating tensor arguments are cast to
+    their widest dtype, as autocast treats ``F.grid_sample`` (a flow from a bf16 convolution
+    warps a float32 image in float32), and the op runs with autocast off, so that the reference
+    path's convolutions and matmuls stay in that dtype too. Outside autocast, mixed dtypes
+    remain an error (``check_same``)."""
+
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        floats = [t for t in (*args, *kwargs.values())
+                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        device = floats[0].device.type if floats else None
+        if (device is None or not torch.amp.is_autocast_available(device)
+                or not torch.is_autocast_enabled(device)):
+            return op(*args, **kwargs)
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in floats))
+
+        def cast(t):
+            return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+        with torch.autocast(device, enabled=False):
+            return op(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+    return wrapper  # type: ignore[return-value]
 
 
 # ---- input checks --------------------------------------------------------------------------

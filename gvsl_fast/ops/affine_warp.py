@@ -48,6 +48,7 @@ for _ns in ("gvsl_fast", TRITON_NS):
         _sampler.register(f"{_ns}::affine_warp", _image_spatial, _reference_affine_warp)
 
 
+@_backend.promotes_under_autocast
 def affine_warp(image: Tensor, theta: Tensor, align_corners: bool = False,
                 padding_mode: str = "zeros", deterministic: bool | None = None,
                 backend: str = "auto") -> Tensor:
@@ -70,7 +71,7 @@ def affine_warp(image: Tensor, theta: Tensor, align_corners: bool = False,
 
     Raises:
         ValueError: wrong rank or shape, batch mismatch, empty input, bad option, devices differ.
-        TypeError: non-floating or mismatched dtypes.
+        TypeError: non-floating dtypes, or mismatched ones outside ``torch.autocast``.
         RuntimeError: the requested backend is not available.
     """
     op = "affine_warp"

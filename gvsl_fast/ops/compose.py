@@ -209,6 +209,7 @@ def _check(op: str, theta: torch.Tensor, flow: torch.Tensor, align_corners: bool
     _backend.check_choice(op, "padding_mode", padding_mode, reference.PADDINGS)
 
 
+@_backend.promotes_under_autocast
 def compose(theta: torch.Tensor, flow: torch.Tensor, align_corners: bool = False,
             padding_mode: str = "zeros", deterministic: bool | None = None,
             backend: str = "auto") -> torch.Tensor:
@@ -233,7 +234,8 @@ def compose(theta: torch.Tensor, flow: torch.Tensor, align_corners: bool = False
         and ``flow``.
 
     Raises:
-        TypeError, ValueError: bad shapes, dtypes, devices or options (naming the argument).
+        TypeError, ValueError: bad shapes, dtypes (mixed ones promote under ``torch.autocast``),
+            devices or options (naming the argument).
         RuntimeError: the requested backend is not available here.
     """
     _check("compose", theta, flow, align_corners, padding_mode)
@@ -245,6 +247,7 @@ def compose(theta: torch.Tensor, flow: torch.Tensor, align_corners: bool = False
                                PADDING_CODES[padding_mode], det)
 
 
+@_backend.promotes_under_autocast
 def affine_flow_warp(image: torch.Tensor, theta: torch.Tensor, flow: torch.Tensor,
                      align_corners: bool = False, padding_mode: str = "zeros",
                      deterministic: bool | None = None, backend: str = "auto") -> torch.Tensor:
@@ -269,7 +272,8 @@ def affine_flow_warp(image: torch.Tensor, theta: torch.Tensor, flow: torch.Tenso
         and ``flow``, and in ``image`` when it requires grad (a scatter, skipped otherwise).
 
     Raises:
-        TypeError, ValueError: bad shapes, dtypes, devices or options (naming the argument).
+        TypeError, ValueError: bad shapes, dtypes (mixed ones promote under ``torch.autocast``),
+            devices or options (naming the argument).
         RuntimeError: the requested backend is not available here.
     """
     _check("affine_flow_warp", theta, flow, align_corners, padding_mode, image)

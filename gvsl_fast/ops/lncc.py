@@ -41,6 +41,7 @@ def _check(a: torch.Tensor, b: torch.Tensor, window: int, reduction: str, preset
     _backend.check_choice(OP, "preset", preset, PRESETS)
 
 
+@_backend.promotes_under_autocast
 def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
          reduction: str = "mean", preset: str = "gvsl", backend: str = "auto", *,
          smooth_nr: float = 0.0) -> torch.Tensor:
@@ -64,7 +65,7 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
 
     Raises:
         ValueError: wrong rank, empty input, shape or device mismatch, even window, bad option.
-        TypeError: non-floating or mismatched dtypes.
+        TypeError: non-floating dtypes, or mismatched ones outside ``torch.autocast``.
         RuntimeError: the requested backend cannot run here (the message says why).
     """
     _check(a, b, window, reduction, preset)

@@ -94,6 +94,7 @@ def _check_options(op: str, mode: str, padding_mode: str) -> None:
     _backend.check_choice(op, "padding_mode", padding_mode, reference.PADDINGS)
 
 
+@_backend.promotes_under_autocast
 def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
          deterministic: bool | None = None, backend: str = "auto") -> Tensor:
     """Warp ``image`` by a displacement field: ``out(p) = image(p + flow(p))``.
@@ -117,7 +118,7 @@ def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str 
     Raises:
         ValueError: wrong rank, shape mismatch, flow without 3 channels, empty input, bad option,
             or tensors on different devices.
-        TypeError: non-floating or mismatched dtypes.
+        TypeError: non-floating dtypes, or mismatched ones outside ``torch.autocast``.
         RuntimeError: the requested backend is not available.
     """
     op = "warp"
@@ -141,6 +142,7 @@ def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str 
     return _sampler.op_namespace(be).warp_forward(image, flow, *options, det)
 
 
+@_backend.promotes_under_autocast
 def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
                 align_corners: bool = False, deterministic: bool | None = None,
                 backend: str = "auto") -> Tensor:
@@ -161,7 +163,7 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
 
     Raises:
         ValueError: wrong rank or shape, batch mismatch, empty input, bad option, devices differ.
-        TypeError: non-floating or mismatched dtypes.
+        TypeError: non-floating dtypes, or mismatched ones outside ``torch.autocast``.
         RuntimeError: the requested backend is not available.
     """
     op = "grid_sample"
