@@ -211,6 +211,15 @@ def test_prepare_dataset_errors(tmp_path):
         prepare_dataset(tmp_path / "bad", tmp_path / "cache")
 
 
+def test_prepare_dataset_names_the_files_it_leaves_out(tmp_path):
+    src = nifti_folder(tmp_path)
+    for _ in range(2):  # converting, then with the good files already done
+        with pytest.warns(RuntimeWarning, match=f"3 of 6 NIfTI files in {src} are left out") as w:
+            got = prepare_dataset(src, tmp_path / "cache", spacing=(4, 4, 4))
+        assert all(name in str(w[0].message) for name in BAD)
+        assert len(nifti.read_manifest(got)["volumes"]) == 3
+
+
 def test_singleton_fourth_axis_and_duplicate_names(tmp_path, capsys):
     """(X, Y, Z, 1) is a 3-D volume; a.nii beside a.nii.gz would write one output twice."""
     src = tmp_path / "in"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def prepare_dataset(data: str | Path | None, cache_dir: Path, *,
         FileNotFoundError: ``data`` does not exist, or holds no preprocessed dataset and no
             NIfTI image.
         ValueError: an existing manifest is damaged; no NIfTI file in ``data`` was usable.
+
+    Warns:
+        RuntimeWarning: naming each NIfTI file of ``data`` that could not be used (the others
+            are trained on).
     """
     spacing = tuple(float(s) for s in spacing)
     if data is None:
@@ -49,4 +54,8 @@ def prepare_dataset(data: str | Path | None, cache_dir: Path, *,
     summary = preprocess(folder, out, settings, workers=min(4, os.cpu_count() or 1))
     if not summary.entries:
         raise ValueError(f"no usable image in {folder}: " + "; ".join(summary.failed))
+    if summary.failed:  # train on the rest, but never without saying which files are left out
+        warnings.warn(f"{len(summary.failed)} of {len(summary.failed) + len(summary.entries)} "
+                      f"NIfTI files in {folder} are left out: " + "; ".join(summary.failed),
+                      RuntimeWarning, stacklevel=2)
     return out
