@@ -15,6 +15,21 @@ from pathlib import Path
 from gvsl_fast import __version__
 
 
+def _bounded(kind: type, low: float, strict: bool = False):
+    """An argparse type: a `kind` value >= `low` (> with `strict`), so that a bad value is
+    refused, naming its option, before anything runs."""
+
+    def parse(text: str):
+        value = kind(text)  # a ValueError reads "invalid int value: 'x'"
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, "
+                                             f"got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _triple(values: list[int]) -> tuple[int, int, int]:
     if len(values) == 1:
         return (values[0],) * 3
@@ -31,27 +46,29 @@ def add_pretrain(sub) -> None:
         description="Pre-train a 3D U-Net with GVSL. With no --data, trains on the embedded "
         "cohort made from the MNI152 templates in the nilearn wheel. Presets: 'paper' (GPU "
         "default: 128^3 patches at 1 mm, 200k steps) and 'cpu-short' (CPU default: 48^3 at 2 mm, "
-        "120 steps, about 5 minutes on 2 cores).",
+        "120 steps, 5-12 minutes on 2 cores: bf16 where the CPU has AMX, else fp32).",
     )
     p.add_argument("--data", help="folder of .nii/.nii.gz images, or of preprocessed .npy")
     p.add_argument("--out", type=Path, default=Path("runs/gvsl"), help="run folder")
     p.add_argument("--cache", help="preprocessed-data cache (default $GVSL_FAST_CACHE or "
                    "~/.cache/gvsl-fast)")
     p.add_argument("--preset", choices=tuple(PRESETS), help="defaults for the options below")
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--patch", type=int, nargs="+", help="patch size: one value or D H W")
-    p.add_argument("--spacing", type=float, help="isotropic voxel size (mm) to resample to")
+    p.add_argument("--steps", type=_bounded(int, 0), help="optimizer steps")
+    p.add_argument("--batch-size", type=_bounded(int, 1), default=2)
+    p.add_argument("--patch", type=_bounded(int, 1), nargs="+",
+                   help="patch size: one value or D H W")
+    p.add_argument("--spacing", type=_bounded(float, 0, strict=True),
+                   help="isotropic voxel size (mm) to resample to")
     p.add_argument("--intensity", choices=("ct", "mr"), default="mr",
                    help="normalization of --data images")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=_bounded(float, 0, strict=True), default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true",
                    help="mixed precision: bf16 where supported; elsewhere fp16 with a "
                    "GradScaler on GPUs, fp32 on CPUs")
     p.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto")
-    p.add_argument("--workers", type=int, default=2, help="loader worker threads")
+    p.add_argument("--workers", type=_bounded(int, 0), default=2, help="loader worker threads")
     p.add_argument("--ops-backend", default="auto",
                    choices=("auto", "cuda", "triton", "cpu", "reference"))
     p.add_argument("--fusion", choices=("paper", "code"), default="paper",
@@ -59,8 +76,9 @@ def add_pretrain(sub) -> None:
                    "original code's two resamplings")
     p.add_argument("--weights", type=float, nargs=3, default=(1.0, 1.0, 1.0),
                    metavar=("NCC", "SMOOTH", "MSE"))
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--save-every", type=_bounded(int, 1),
+                   help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep-last", type=_bounded(int, 1), default=3, help="checkpoints to keep")
     p.add_argument("--resume", help="checkpoint path, or 'auto' for the newest in --out")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     p.add_argument("--grad-checkpoint", action="store_true",

@@ -407,6 +407,23 @@ def test_apex_fused_adam_without_apex_is_one_clear_error(tmp_path, monkeypatch, 
     assert not checkpoint.list_checkpoints(tmp_path / "run")
 
 
+@pytest.mark.parametrize(("option", "value", "says"), [
+    ("--batch-size", "0", "must be >= 1, got 0"), ("--patch", "-8", "must be >= 1, got -8"),
+    ("--lr", "0", "must be > 0, got 0"), ("--spacing", "-2", "must be > 0, got -2"),
+    ("--steps", "-1", "must be >= 0, got -1"), ("--keep-last", "0", "must be >= 1, got 0"),
+    ("--save-every", "0", "must be >= 1, got 0"), ("--workers", "two", "invalid int value"),
+])
+def test_bad_numbers_are_refused_naming_the_option(tmp_path, capsys, option, value, says):
+    """Refused by the parser (exit 2, one line naming the option) before anything runs."""
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", option, value, "--out", str(tmp_path / "run"),
+              "--cache", str(tmp_path / "cache")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"gvsl-fast pretrain: error: argument {option}: ") and says in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_identical_replicas(tmp_path):
     """torchrun with 2 gloo processes: after a few steps both replicas hold the same weights."""

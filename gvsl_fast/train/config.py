@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-# The paper's configuration (GPU) and a short CPU preset that finishes in about 5 minutes on a
-# 2-core machine: same model and losses, smaller patches at 2 mm, fewer steps.
+# The paper's configuration (GPU) and a short CPU preset that finishes in 5-12 minutes on a
+# 2-core machine (README): same model and losses, smaller patches at 2 mm, fewer steps.
 PRESETS: dict[str, dict] = {
     "paper": {"steps": 200_000, "patch": (128, 128, 128), "spacing": 1.0, "save_every": 5000,
               "log_every": 50},
