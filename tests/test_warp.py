@@ -370,16 +370,21 @@ def test_voxelmorph_spatial_transformer(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("jitter", [False, True], ids=["", "jitter"])
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_monai_warp(device, backend, padding):
+def test_monai_warp(device, backend, padding, jitter):
     monai_blocks = pytest.importorskip("monai.networks.blocks")
     torch.manual_seed(11)
     image = torch.randn(SHAPE, device=device)
     ddf = _flow(SHAPE, device, identity_slab=False)
     args = [t.clone().requires_grad_() for t in (image, ddf)]
-    out = Warp("bilinear", padding, backend=backend)(*args)
+    out = Warp("bilinear", padding, jitter, backend=backend)(*args)
+    after = torch.rand(1)  # the global RNG went on as if no offsets had been drawn
+    torch.manual_seed(11)
+    torch.randn(SHAPE, device=device), _flow(SHAPE, device, identity_slab=False)
+    assert torch.equal(torch.rand(1), after)
     ref_args = [t.clone().requires_grad_() for t in (image, ddf)]
-    ref = monai_blocks.Warp("bilinear", padding)(*ref_args)
+    ref = monai_blocks.Warp("bilinear", padding, jitter)(*ref_args)
     assert_matches(out, ref, device, torch.float32)
     for g, r in zip(upstream_grads(out, args), upstream_grads(ref, ref_args), strict=True):
         assert_matches(g, r, device, torch.float32)

@@ -207,15 +207,22 @@ class SpatialTransformer(nn.Module):
 
 
 class Warp(nn.Module):
-    """Drop-in for MONAI's ``Warp(mode, padding_mode)`` (3-D): ``forward(image, ddf)`` warps by
-    a dense displacement field in voxels; padding defaults to ``"border"`` as in MONAI."""
+    """Drop-in for MONAI's ``Warp(mode, padding_mode, jitter)`` (3-D): ``forward(image, ddf)``
+    warps by a dense displacement field in voxels; padding defaults to ``"border"`` as in MONAI.
+    ``jitter=True`` moves the reference grid off the integers as MONAI does: by ``U[0, 1)``
+    offsets drawn with seed 0 (the same draw as MONAI's, the global RNG left untouched)."""
 
-    def __init__(self, mode: str = "bilinear", padding_mode: str = "border",
+    def __init__(self, mode: str = "bilinear", padding_mode: str = "border", jitter: bool = False,
                  backend: str = "auto") -> None:
         super().__init__()
         self.mode = mode
         self.padding_mode = padding_mode
+        self.jitter = jitter
         self.backend = backend
 
     def forward(self, image: Tensor, ddf: Tensor) -> Tensor:
+        if self.jitter:
+            with torch.random.fork_rng(devices=[ddf.device] if ddf.is_cuda else []):
+                torch.random.manual_seed(0)
+                ddf = ddf + torch.rand_like(ddf)
         return warp(image, ddf, self.mode, self.padding_mode, backend=self.backend)
