@@ -369,6 +369,30 @@ def test_voxelmorph_spatial_transformer(device, backend):
         SpatialTransformer((5, 5, 5))(src, flow)
 
 
+def test_voxelmorph_checkpoints_load():
+    """A VoxelMorph state dict holds each transformer's identity grid; it loads strictly here,
+    a grid of another size is PyTorch's size-mismatch error, and no grid is written back."""
+
+    class Model(torch.nn.Module):  # VoxelMorph's VxmDense keeps `transformer` and `integrate`
+        def __init__(self, size):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+            self.transformer = SpatialTransformer(size)
+
+    size = SHAPE[2:]
+    vxm = {"conv.weight": torch.randn(3, 1, 3, 3, 3), "conv.bias": torch.randn(3),
+           "transformer.grid": reference.identity_grid(size, torch.empty(0))}
+    model = Model(size)
+    model.load_state_dict(vxm)
+    assert torch.equal(model.conv.weight, vxm["conv.weight"])
+    assert "transformer.grid" in vxm  # the caller's dict is left whole
+    assert set(model.state_dict()) == {"conv.weight", "conv.bias"}
+    with pytest.raises(RuntimeError, match=r"size mismatch for transformer\.grid"):
+        Model((5, 5, 5)).load_state_dict(vxm)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"extra\""):
+        model.load_state_dict({**vxm, "extra": torch.zeros(1)})
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
 @pytest.mark.parametrize("jitter", [False, True], ids=["", "jitter"])
 @pytest.mark.parametrize("padding", PADDINGS)

@@ -190,13 +190,19 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
 
 class SpatialTransformer(nn.Module):
     """Drop-in for VoxelMorph's ``SpatialTransformer(size, mode)``: ``forward(src, flow)`` warps
-    ``src`` by ``flow`` (voxels, zeros padding), with no sampling grid in memory."""
+    ``src`` by ``flow`` (voxels, zeros padding), with no sampling grid in memory.
+
+    VoxelMorph keeps its identity grid as a buffer, so its checkpoints hold a ``grid`` entry
+    (``(1, 3, *size)``) for each transformer. Loading one here takes that entry as read (after
+    the same size check a buffer would get) instead of failing ``strict`` loading; this module
+    writes no grid."""
 
     def __init__(self, size, mode: str = "bilinear", backend: str = "auto") -> None:
         super().__init__()
         self.size = tuple(size)
         self.mode = mode
         self.backend = backend
+        self.register_load_state_dict_pre_hook(_take_voxelmorph_grid)
 
     def forward(self, src: Tensor, flow: Tensor) -> Tensor:
         if tuple(flow.shape[2:]) != self.size:
@@ -204,6 +210,18 @@ class SpatialTransformer(nn.Module):
                 f"SpatialTransformer: flow size {tuple(flow.shape[2:])} != size {self.size}"
             )
         return warp(src, flow, self.mode, "zeros", backend=self.backend)
+
+
+def _take_voxelmorph_grid(module: SpatialTransformer, state_dict, prefix, local_metadata, strict,
+                          missing_keys, unexpected_keys, error_msgs) -> None:
+    """Load-state-dict pre-hook: removes a VoxelMorph ``grid`` entry, reporting a size mismatch
+    in PyTorch's words."""
+    grid = state_dict.pop(prefix + "grid", None)
+    expected = (1, 3, *module.size)
+    if grid is not None and tuple(grid.shape) != expected:
+        error_msgs.append(f"size mismatch for {prefix}grid: copying a param with shape "
+                          f"{tuple(grid.shape)} from checkpoint, the shape in current model is "
+                          f"{expected} (VoxelMorph's identity grid of `size`).")
 
 
 class Warp(nn.Module):
