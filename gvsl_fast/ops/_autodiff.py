@@ -22,22 +22,18 @@ DOUBLE_BACKWARD = ("double backward (create_graph=True) differentiates the PyTor
 
 def reference_grads(op: str, forward: Callable[..., torch.Tensor],
                     inputs: Sequence[torch.Tensor], needs: Sequence[bool],
-                    grads: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+                    grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``forward(*inputs)`` (the reference op) for the inputs in ``needs``, given
-    the output gradients ``grads``, with a graph so that they can be differentiated again. The
+    the output gradient ``grad``, with a graph so that they can be differentiated again. The
     registered backwards call this when autograd runs them with grad mode on
     (``create_graph=True``)."""
     _backend.announce(op, DOUBLE_BACKWARD)
     wanted = [i for i, n in enumerate(needs) if n]
-    result: list[torch.Tensor | None] = [None] * len(inputs)
-    if not wanted or all(g is None for g in grads):
-        return tuple(result)
     with torch.enable_grad():
         out = forward(*inputs)
-    outs = out if isinstance(out, tuple) else (out,)
-    pairs = [(o, g) for o, g in zip(outs, grads, strict=False) if g is not None]
-    found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
-                                [g for _, g in pairs], create_graph=True, allow_unused=True)
+    found = torch.autograd.grad(out, [inputs[i] for i in wanted], grad, create_graph=True,
+                                allow_unused=True)
+    result: list[torch.Tensor | None] = [None] * len(inputs)
     for i, g in zip(wanted, found, strict=True):
         result[i] = g
     return tuple(result)

@@ -64,7 +64,7 @@ def register(qualname: str, out_spatial: Callable[[torch.Tensor, torch.Tensor], 
         if torch.is_grad_enabled():  # create_graph=True
             return _autodiff.reference_grads(
                 name, lambda i, p: reference(i, p, *ctx.args), (image, pos),
-                (need_image, need_pos), (grad_out,)) + (None,) * len(ctx.args)
+                (need_image, need_pos), grad_out) + (None,) * len(ctx.args)
         d_image, d_pos = backward_op(
             _backend.layout(grad_out), image, pos, *ctx.args, need_image, need_pos
         )
@@ -121,14 +121,15 @@ def register_saved(qualname: str, out_spatial: Callable[[torch.Tensor, torch.Ten
 
     def backward(ctx, grad_out, _grad_dpos):
         dpos, image, pos = ctx.saved_tensors
-        d_pos = None  # an undefined grad_out (not materialized) is a zero one
-        if grad_out is not None and torch.is_grad_enabled():  # create_graph=True
-            d_pos = _autodiff.reference_grads(
+        nones = (None,) * len(ctx.args)
+        if grad_out is None:  # an undefined grad_out (not materialized) is a zero one
+            return (None, None, *nones)
+        if torch.is_grad_enabled():  # create_graph=True
+            return _autodiff.reference_grads(
                 name, lambda i, p: reference(i, p, *ctx.args), (image, pos), (False, True),
-                (grad_out,))[1]
-        elif grad_out is not None:
-            d_pos = backward_op(_backend.layout(grad_out), dpos, image, pos, *ctx.args)
-        return (None, d_pos, *([None] * len(ctx.args)))
+                grad_out) + nones
+        d_pos = backward_op(_backend.layout(grad_out), dpos, image, pos, *ctx.args)
+        return (None, d_pos, *nones)
 
     torch.library.register_autograd(f"{qualname}_forward_saved", backward,
                                     setup_context=setup_context)

@@ -102,7 +102,7 @@ def _register(suffix: str) -> dict[str, object]:
         need = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True
             return _autodiff.reference_grads("compose", _reference(ctx, reference.compose),
-                                             (theta, flow), need, (grad,)) + (None, None, None)
+                                             (theta, flow), need, grad) + (None, None, None)
         dtheta, dflow = compose_bwd(grad, theta, flow, ctx.align_corners, ctx.padding,
                                     ctx.deterministic, *need)
         return _only(need, (dtheta, dflow)) + (None, None, None)
@@ -113,7 +113,7 @@ def _register(suffix: str) -> dict[str, object]:
         if torch.is_grad_enabled():  # create_graph=True
             return _autodiff.reference_grads(
                 "affine_flow_warp", _reference(ctx, reference.affine_flow_warp),
-                (image, theta, flow), need, (grad,)) + (None, None, None)
+                (image, theta, flow), need, grad) + (None, None, None)
         grads = afw_bwd(grad, image, theta, flow, ctx.align_corners, ctx.padding,
                         ctx.deterministic, *need)
         return _only(need, grads) + (None, None, None)
@@ -167,7 +167,7 @@ def _register_saved() -> None:
         if torch.is_grad_enabled():  # create_graph=True
             grads = _autodiff.reference_grads(
                 "affine_flow_warp", _reference(ctx, reference.affine_flow_warp),
-                (image, theta, flow), (False, *need), (grad,))
+                (image, theta, flow), (False, *need), grad)
             return (*grads, None, None)
         grads = backward_op(_backend.layout(grad), saved, image, theta, flow, ctx.align_corners,
                             ctx.padding, *need)

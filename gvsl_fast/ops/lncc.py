@@ -133,7 +133,7 @@ def make_backward(backward_op):
             return _autodiff.reference_grads(
                 OP, lambda x, y: reference.lncc(x, y, window, eps, reduction, PRESETS[preset],
                                                 smooth_nr=smooth_nr),
-                (a, b), (need_a, need_b), (grad,)) + (None,) * 7
+                (a, b), (need_a, need_b), grad) + (None,) * 7
         g = grad_of_cc(grad, a, ctx.reduction)
         ga, gb = backward_op(g, a, b, coef, *ctx.params, need_a, need_b)
         return (ga if need_a else None, gb if need_b else None) + (None,) * 7
