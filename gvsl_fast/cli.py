@@ -80,6 +80,9 @@ def add_pretrain(sub) -> None:
                    help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-last", type=_bounded(int, 1), default=3, help="checkpoints to keep")
     p.add_argument("--resume", help="checkpoint path, or 'auto' for the newest in --out")
+    p.add_argument("--init-backbone", metavar="PATH",
+                   help="start the U-Net from these weights: a `gvsl-fast export` file or a "
+                   "checkpoint of the original GVSL code (its released GVSL_epoch_1000.pth)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing of the U-Net blocks")
@@ -108,6 +111,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         device=args.device, amp=args.amp, loader=args.loader, workers=args.workers,
         ops_backend=args.ops_backend, fusion=args.fusion, weights=tuple(args.weights),
         save_every=args.save_every, keep_last=args.keep_last, resume=args.resume,
+        init_backbone=args.init_backbone,
         compile=args.compile, grad_checkpoint=args.grad_checkpoint, optimizer=args.optimizer,
         deterministic=args.deterministic, progress=not args.no_progress,
     )
@@ -121,12 +125,19 @@ def add_export(sub) -> None:
     p = sub.add_parser("export",
                        help="write the backbone UNet3D of a checkpoint for downstream use")
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("output", type=Path, help="OUT.pt (its configuration goes to OUT.pt.json)")
+    p.add_argument("output", type=Path,
+                   help="OUT.pt (with --layout gvsl-fast its configuration goes to OUT.pt.json)")
+    p.add_argument("--layout", choices=("gvsl-fast", "official"), default="gvsl-fast",
+                   help="gvsl-fast: the backbone for UNet3D.from_pretrained; official: the whole "
+                        "model as the original GVSL code's state dict, loadable wherever its "
+                        "released GVSL_epoch_1000.pth is (e.g. its UNet3D_GVSL)")
     p.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from gvsl_fast.models import UNet3D
+    import torch
+
+    from gvsl_fast.models import GVSL, UNet3D, official
     from gvsl_fast.train import checkpoint
 
     state = checkpoint.load(args.checkpoint)
@@ -134,12 +145,17 @@ def run_export(args: argparse.Namespace) -> int:
     if cfg is None:
         raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint} holds no backbone")
     backbone = UNet3D(cfg["in_channels"], tuple(cfg["down"]), tuple(cfg["up"]))
+    weights = checkpoint.plain_keys(state["model"])
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if args.layout == "official":
+        checkpoint.check_model_state(args.checkpoint, GVSL(backbone), weights)
+        torch.save(official.model_to_official(weights), args.output)
+        print(f"wrote {args.output} in the original GVSL code's layout (step {state['step']})")
+        return 0
     prefix = "backbone."
-    weights = {k[len(prefix):]: v for k, v in checkpoint.plain_keys(state["model"]).items()
-               if k.startswith(prefix)}
+    weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     checkpoint.check_model_state(args.checkpoint, backbone, weights)
     backbone.load_state_dict(weights)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     backbone.save_pretrained(args.output)
     print(f"wrote {args.output} and {args.output}.json (step {state['step']})")
     return 0
@@ -177,7 +193,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gvsl-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gvsl-fast", description="GVSL pre-training of 3D U-Nets, and its tools.")
     parser.add_argument("--version", action="version", version=f"gvsl-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_pretrain(sub)

@@ -10,6 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gvsl_fast.models import official
+
 DOWN = (32, 64, 128, 256, 512)
 UP = (256, 128, 64, 32)
 
@@ -83,7 +85,9 @@ class UNet3D(nn.Module):
         up: decoder widths (four levels).
         grad_checkpoint: recompute each block in the backward pass to save activation memory.
 
-    Inputs of any size are zero-padded to a multiple of 16 and the local features cropped back.
+    Inputs of any size are zero-padded to a multiple of 16, centred (half of the padding before,
+    the rest after, as the original GVSL code pads), and the local features cropped back; the
+    original code's checkpoints therefore load with the same outputs (``from_pretrained``).
     """
 
     def __init__(self, in_channels: int = 1, down: tuple[int, ...] = DOWN,
@@ -121,8 +125,9 @@ class UNet3D(nn.Module):
         """Returns ``(f_g, f_l)`` for ``x`` of shape (B, C, D, H, W)."""
         size = x.shape[2:]
         pad = [(-s) % 16 for s in size]
+        lo = [p // 2 for p in pad]
         if any(pad):
-            x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
+            x = F.pad(x, [n for i in (2, 1, 0) for n in (lo[i], pad[i] - lo[i])])
         skips = []
         for i, block in enumerate(self.encoder):
             if i:
@@ -134,7 +139,7 @@ class UNet3D(nn.Module):
             x = (upsample2(x) if deterministic_layers(x) else
                  F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True))
             x = self._run(block, torch.cat([x, skip], dim=1))
-        return f_g, x[:, :, : size[0], : size[1], : size[2]]
+        return f_g, x[(..., *(slice(a, a + n) for a, n in zip(lo, size, strict=True)))]
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the state_dict to ``path`` and its configuration to ``path`` + ``.json``."""
@@ -145,15 +150,23 @@ class UNet3D(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu",
                         **kwargs) -> UNet3D:
-        """Load a backbone written by ``gvsl-fast export`` (or ``save_pretrained``)."""
+        """Load a backbone written by ``gvsl-fast export`` (or ``save_pretrained``: ``path`` with
+        its configuration in ``path`` + ``.json``), or the U-Net of a checkpoint of the original
+        GVSL code, such as its released ``GVSL_epoch_1000.pth`` (no configuration file: the
+        widths are read from the weights; see ``gvsl_fast.models.official``)."""
         path = Path(path)
         cfg_path = path.with_suffix(path.suffix + ".json")
         if not path.is_file():
             raise FileNotFoundError(f"UNet3D.from_pretrained: no weights at {path}")
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"UNet3D.from_pretrained: no configuration at {cfg_path}")
-        cfg = json.loads(cfg_path.read_text())
-        model = cls(cfg["in_channels"], tuple(cfg["down"]), tuple(cfg["up"]), **kwargs)
         state = torch.load(path, map_location=map_location, weights_only=True)
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
+        elif official.holds_backbone(state):
+            state, cfg = official.backbone_from_official(state)
+        else:
+            raise FileNotFoundError(
+                f"UNet3D.from_pretrained: no configuration at {cfg_path}, and {path} holds no "
+                "U-Net of the original GVSL code")
+        model = cls(cfg["in_channels"], tuple(cfg["down"]), tuple(cfg["up"]), **kwargs)
         model.load_state_dict(state)
         return model

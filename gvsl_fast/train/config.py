@@ -41,6 +41,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int | None = None
     resume: str | None = None
+    init_backbone: str | None = None
     compile: bool = False
     grad_checkpoint: bool = False
     channels_last: bool = True  # faster on the CPU too (U-Net convs, 32-channel feature warp)

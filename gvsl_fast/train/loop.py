@@ -95,9 +95,20 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opti
     return torch.optim.Adam(params, lr=cfg.lr, fused=device.type == "cuda")
 
 
+def build_backbone(cfg: TrainConfig) -> UNet3D:
+    """A fresh U-Net, or with ``cfg.init_backbone`` the one in that file (a ``gvsl-fast export``
+    or a checkpoint of the original GVSL code, such as its released weights)."""
+    if cfg.init_backbone is None:
+        return UNet3D(grad_checkpoint=cfg.grad_checkpoint)
+    try:
+        return UNet3D.from_pretrained(cfg.init_backbone, grad_checkpoint=cfg.grad_checkpoint)
+    except Exception as exc:  # whatever the file's fault, one line naming the option
+        raise ValueError(f"--init-backbone {cfg.init_backbone}: {exc}") from exc
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> GVSL:
-    model = GVSL(UNet3D(grad_checkpoint=cfg.grad_checkpoint), fusion=cfg.fusion,
-                 ops_backend=cfg.ops_backend, weights=cfg.weights).to(device)
+    model = GVSL(build_backbone(cfg), fusion=cfg.fusion, ops_backend=cfg.ops_backend,
+                 weights=cfg.weights).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     return model
