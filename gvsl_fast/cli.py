@@ -31,11 +31,12 @@ def _bounded(kind: type, low: float, strict: bool = False):
 
 
 def _triple(values: list[int]) -> tuple[int, int, int]:
+    """--patch's one size (a cube) or three (D H W)."""
     if len(values) == 1:
         return (values[0],) * 3
     if len(values) == 3:
         return tuple(values)
-    raise argparse.ArgumentTypeError("give one size or three (D H W)")
+    raise ValueError(f"--patch: give one size or three (D H W), got {len(values)}")
 
 
 def add_pretrain(sub) -> None:

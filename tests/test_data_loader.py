@@ -3,6 +3,8 @@ where a GPU exists) delivering identical batches, resumption, sharding."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -150,6 +152,27 @@ def test_auto_choice_and_errors(data_dir, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="manifest"):
         make_loader(tmp_path, patch=(8, 8, 8), batch_size=1, seed=0)
 
+
+
+@pytest.mark.parametrize("damage,says", [
+    ("{ not json", "not valid JSON"),
+    ('{"format": "%s", "volumes": [{"file": "a.npy"}]}', "a volume entry without a file name "
+     "and a 3-D shape: {'file': 'a.npy'}"),
+    ('[1, 2]', "format None, expected"),
+])
+def test_a_damaged_manifest_is_named(tmp_path, damage, says):
+    """One ValueError naming the manifest, not a JSONDecodeError or KeyError without a path."""
+    (tmp_path / nifti.MANIFEST).write_text(damage.replace("%s", nifti.FORMAT))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / nifti.MANIFEST}: {says}")):
+        make_loader(tmp_path, patch=(8, 8, 8), batch_size=1, seed=0)
+
+
+def test_a_dataset_of_one_volume_is_named(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((8, 8, 8), np.float32))
+    nifti.write_manifest(tmp_path, [{"file": "a.npy", "shape": [8, 8, 8]}])
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path}: need at least 2 volumes to pair different images, got 1")):
+        make_loader(tmp_path, patch=(8, 8, 8), batch_size=1, seed=0)
 
 def test_demo_cohort_is_built_once(tmp_path):
     out = demo_cohort(tmp_path, n=3, spacing=6.0, seed=4)

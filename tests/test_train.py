@@ -424,6 +424,20 @@ def test_bad_numbers_are_refused_naming_the_option(tmp_path, capsys, option, val
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
+
+@pytest.mark.parametrize("args,says", [
+    (["--patch", "64", "64"], "--patch: give one size or three (D H W), got 2"),
+    (["--device", "gpu"], "--device gpu: not a device (auto, cpu, cuda or cuda:N)"),
+])
+def test_bad_sizes_and_devices_are_refused_naming_the_option(tmp_path, capsys, args, says):
+    """Values the parser cannot judge alone: exit 2 and one line naming the option, before any
+    data is prepared."""
+    code = main(["pretrain", *args, "--out", str(tmp_path / "run"),
+                 "--cache", str(tmp_path / "cache")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"gvsl-fast pretrain: error: {says}"
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_identical_replicas(tmp_path):
     """torchrun with 2 gloo processes: after a few steps both replicas hold the same weights."""

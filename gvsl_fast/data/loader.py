@@ -229,8 +229,11 @@ def make_loader(data_dir: Path, *, patch: tuple[int, int, int], batch_size: int,
     device = torch.device(device)
     manifest = nifti.read_manifest(Path(data_dir))
     files = [Path(data_dir) / v["file"] for v in manifest["volumes"]]
-    sampler = PairSampler([v["shape"] for v in manifest["volumes"]], patch, batch_size, seed,
-                          rank, world_size)
+    try:
+        sampler = PairSampler([v["shape"] for v in manifest["volumes"]], patch, batch_size, seed,
+                              rank, world_size)
+    except ValueError as exc:  # name the dataset (one volume, say)
+        raise ValueError(f"{data_dir}: {exc}") from exc
     kind, reason = choose_kind(kind, device)
     if reason not in _said:
         _said.add(reason)

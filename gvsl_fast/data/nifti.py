@@ -195,6 +195,15 @@ def write_manifest(folder: Path, entries: list[dict], **info) -> Path:
     return path
 
 
+def _is_volume_entry(entry: object) -> bool:
+    """A manifest volume: ``{"file": name, "shape": [D, H, W], ...}``."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        return False
+    shape = entry.get("shape")
+    return (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(n, int) and n > 0 for n in shape))
+
+
 def read_manifest(folder: Path) -> dict:
     """The manifest of a preprocessed folder.
 
@@ -205,12 +214,19 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {MANIFEST} (not a preprocessed dataset)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path}: format {found!r}, expected {FORMAT!r}")
     if not manifest.get("volumes"):
         raise ValueError(f"{path}: lists no volumes")
     for entry in manifest["volumes"]:
+        if not _is_volume_entry(entry):
+            raise ValueError(f"{path}: a volume entry without a file name and a 3-D shape: "
+                             f"{entry!r}")
         if not (Path(folder) / entry["file"]).is_file():
             raise ValueError(f"{path}: listed volume {entry['file']} is missing")
     return manifest
