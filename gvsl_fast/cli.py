@@ -47,7 +47,8 @@ def add_pretrain(sub) -> None:
         description="Pre-train a 3D U-Net with GVSL. With no --data, trains on the embedded "
         "cohort made from the MNI152 templates in the nilearn wheel. Presets: 'paper' (GPU "
         "default: 128^3 patches at 1 mm, 200k steps) and 'cpu-short' (CPU default: 48^3 at 2 mm, "
-        "120 steps, 5-12 minutes on 2 cores: bf16 where the CPU has AMX, else fp32).",
+        "120 steps, 5-12 minutes on 2 cores; with --amp, bf16 where oneDNN has bf16 kernels "
+        "(AVX-512 or AMX), else fp32).",
     )
     p.add_argument("--data", help="folder of .nii/.nii.gz images, or of preprocessed .npy")
     p.add_argument("--out", type=Path, default=Path("runs/gvsl"), help="run folder")

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gvsl_fast.kernels.warp import batch_launches
+from gvsl_fast.kernels.warp import batch_launches, on_device
 
 BLOCK = 1024
 
@@ -109,14 +109,15 @@ def appearance(x: torch.Tensor, starts: torch.Tensor, perm: torch.Tensor,
     starts, boxes, noise_offset, noise = (t if t.numel() else torch.zeros(1, dtype=t.dtype,
                                                                           device=dev)
                                           for t in (starts, boxes, noise_offset, noise))
-    bd, bh, bw = block
+    _, bh, bw = block
     owner = torch.full((B, V), -1, dtype=torch.int32, device=dev)
     out = torch.empty_like(x)
-    for b0, nb in batch_launches(B):
-        if N > 0:
-            _owner_kernel[(triton.cdiv(N * P, BLOCK), nb)](starts, shuffle, owner, N, P, H, W, V,
-                                                           bh, bw, b0, BLOCK=BLOCK)
-        _fused_kernel[(triton.cdiv(V, BLOCK), nb)](
-            x, out, owner, starts, perm, nonlinear, lut, boxes, noise_offset, noise, C,
-            max(N, 1), P, L, K, H, W, V, bh, bw, b0, BLOCK=BLOCK)
+    with on_device(x):
+        for b0, nb in batch_launches(B):
+            if N > 0:
+                _owner_kernel[(triton.cdiv(N * P, BLOCK), nb)](
+                    starts, shuffle, owner, N, P, H, W, V, bh, bw, b0, BLOCK=BLOCK)
+            _fused_kernel[(triton.cdiv(V, BLOCK), nb)](
+                x, out, owner, starts, perm, nonlinear, lut, boxes, noise_offset, noise, C,
+                max(N, 1), P, L, K, H, W, V, bh, bw, b0, BLOCK=BLOCK)
     return out

@@ -26,8 +26,10 @@ import triton.language as tl
 from gvsl_fast.kernels.warp import on_device
 from gvsl_fast.ops.lncc import forward_fake, make_backward, setup_context
 
-GVSL, VOXELMORPH, MONAI = 0, 1, 2  # csrc/lncc.h LnccPreset
-NONE, MEAN, SUM = 0, 1, 2  # csrc/lncc.h LnccReduction
+# csrc/lncc.h LnccPreset, constexpr for the kernels' compile-time branches (voxelmorph, 1, takes
+# the branches neither names)
+GVSL, MONAI = tl.constexpr(0), tl.constexpr(2)
+NONE, MEAN = 0, 1  # csrc/lncc.h LnccReduction (sum: 2)
 LINES = 64  # lines per program of a running-sum pass
 BLOCK = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 1024  # voxels per program
 
@@ -84,7 +86,7 @@ def _stats(s_ptr, offs, m, N, n):
 
 @triton.jit
 def _cc(cross, ivar, jvar, eps, smooth_nr, PRESET: tl.constexpr):
-    if PRESET == 2:
+    if PRESET == MONAI:
         return (cross * cross + smooth_nr) * (1.0 / (tl.maximum(ivar, eps) * tl.maximum(jvar, eps)))
     return cross / (ivar * jvar + eps) * cross
 
@@ -102,7 +104,7 @@ def _cc_kernel(s_ptr, out_ptr, partial_ptr, N, n, eps, smooth_nr, PRESET: tl.con
     if MAP:
         tl.store(out_ptr + offs, cc.to(out_ptr.dtype.element_ty), mask=m)
     else:
-        term = 1.0 - cc if PRESET == 0 else -cc
+        term = 1.0 - cc if PRESET == GVSL else -cc
         tl.store(partial_ptr + pid, tl.sum(tl.where(m, term, 0.0), axis=0))
 
 
@@ -121,7 +123,7 @@ def _coef_kernel(s_ptr, g_ptr, c_ptr, partial_ptr, N, n, eps, smooth_nr, PRESET:
         g = tl.load(g_ptr)
     else:
         g = tl.load(g_ptr + offs, mask=m, other=0.0)
-    if PRESET == 2:
+    if PRESET == MONAI:
         iv = tl.maximum(ivar, eps)
         jv = tl.maximum(jvar, eps)
         inv = 1.0 / (iv * jv)  # one division: 1/iv = jv * inv, 1/jv = iv * inv
@@ -136,7 +138,7 @@ def _coef_kernel(s_ptr, g_ptr, c_ptr, partial_ptr, N, n, eps, smooth_nr, PRESET:
         kb = 2.0 * g * r * r * jvar
         kc = 2.0 * g * r * r * ivar
     if LOSS:
-        term = 1.0 - cc if PRESET == 0 else -cc
+        term = 1.0 - cc if PRESET == GVSL else -cc
         tl.store(partial_ptr + pid, tl.sum(tl.where(m, term, 0.0), axis=0))
     tl.store(c_ptr + offs, ka, mask=m)
     q = 1

@@ -4,6 +4,7 @@ reductions, windows, dtypes, layouts, gradcheck, torch.compile, bad input, drop-
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -389,8 +390,10 @@ def test_monai_module(reduction, kernel_size, smooth_nr):
 def test_monai_module_rejects_other_kernels():
     with pytest.raises(ValueError, match="rectangular"):
         LocalNormalizedCrossCorrelationLoss(kernel_type="gaussian")
-    with pytest.raises(ValueError, match="odd"):
-        LocalNormalizedCrossCorrelationLoss(kernel_size=4)
+    for bad in (4, -1, 3.0, "3"):
+        with pytest.raises(ValueError, match=f"`kernel_size` must be an odd positive int, got "
+                           f"{re.escape(repr(bad))}"):
+            LocalNormalizedCrossCorrelationLoss(kernel_size=bad)
 
 
 def voxelmorph_ncc(y_true, y_pred, win=9):
@@ -417,5 +420,7 @@ def test_voxelmorph_module(win):
     theirs = run(lambda p, t: voxelmorph_ncc(t, p, side), y_pred, y_true, "mean")
     for x, r in zip(ours, theirs, strict=True):
         assert rel_err(x, r) <= 1e-10
-    with pytest.raises(ValueError, match="cubic"):
+    with pytest.raises(ValueError, match=r"`win` must give one side for every axis \(only cubic"):
         NCC([9, 9, 7])
+    with pytest.raises(ValueError, match=r"`win` must be an odd positive int, got \[4, 4, 4\]"):
+        NCC([4, 4, 4])

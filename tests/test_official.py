@@ -150,6 +150,22 @@ def test_files_of_neither_layout_are_refused(tmp_path, capsys):
     torch.save({"encoder.weight": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="holds no U-Net of the original GVSL code"):
         UNet3D.from_pretrained(tmp_path / "other.pt")
+    # a cut-off file, a configuration of other widths, a damaged configuration: each named
+    UNet3D(down=DOWN, up=UP).save_pretrained(tmp_path / "bb.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "bb.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"from_pretrained: {tmp_path / 'cut.pt'} cannot be read"):
+        UNet3D.from_pretrained(tmp_path / "cut.pt")
+    cfg = tmp_path / "bb.pt.json"
+    cfg.write_text(cfg.read_text().replace("32", "64"))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'bb.pt'} \\(configuration {cfg}\\): "
+                       "RuntimeError: Error\\(s\\) in loading state_dict"):
+        UNet3D.from_pretrained(tmp_path / "bb.pt")
+    cfg.write_text("{")
+    with pytest.raises(ValueError, match="JSONDecodeError"):
+        UNet3D.from_pretrained(tmp_path / "bb.pt")
+    torch.save({"unet.inc.double_conv.0.weight": torch.zeros(8, 1, 3, 3, 3)}, tmp_path / "o.pth")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'o.pth'} \\(original GVSL layout\\)"):
+        UNet3D.from_pretrained(tmp_path / "o.pth")
     with pytest.raises(official.LayoutError, match="unexpected key 'extra.weight'"):
         official.model_to_official({"extra.weight": torch.zeros(1)})
     model = GVSL(UNet3D(down=DOWN, up=UP))

@@ -1,6 +1,6 @@
 """The embedded default cohort (DESIGN §5): real anatomy from the nilearn wheel, no download.
 
-The MNI152 2009c templates (T1 and the GM/WM probability maps, 1 mm, 197x233x189) are resampled
+The MNI152 2009a templates (T1 and the GM/WM probability maps, 1 mm, 197x233x189) are resampled
 to the requested spacing and turned into ``n`` subjects, each with its own random smooth
 deformation (small affine + low-frequency displacement field), tissue contrast (T1 plus random
 GM/WM weights), gamma and bias field. The cohort is written once in the preprocessed format

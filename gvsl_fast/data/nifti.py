@@ -80,8 +80,6 @@ def load_canonical(path: Path):
         raise
     except Exception as exc:  # nibabel raises many types for damaged files
         raise VolumeError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
-    if data.ndim != 3:
-        raise VolumeError(f"{path}: expected a 3-D image, got shape {data.shape}")
     return data, canon.affine, img.affine, shape
 
 

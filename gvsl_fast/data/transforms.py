@@ -277,12 +277,15 @@ class SpatialTransform:
     (``affine_flow_warp``).
     """
 
-    def __init__(self, rotate: float = 20.0, scale=(0.75, 1.25), shear: float = 10.0,
-                 translate: float = 0.1, alpha=(0.0, 512.0), sigma=(4.0, 10.0)):
+    def __init__(self, rotate: float = 20.0, scale: tuple[float, float] = (0.75, 1.25),
+                 shear: float = 10.0, translate: float = 0.1,
+                 alpha: tuple[float, float] = (0.0, 512.0),
+                 sigma: tuple[float, float] = (4.0, 10.0)) -> None:
         self.rotate, self.scale, self.shear, self.translate = rotate, scale, shear, translate
         self.alpha, self.sigma = alpha, sigma
 
-    def params(self, x: torch.Tensor, generator: torch.Generator | None = None):
+    def params(self, x: torch.Tensor, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta (B, 3, 4), flow (B, 3, D, H, W))`` for a batch shaped like ``x``."""
         B = x.shape[0]
 
@@ -324,7 +327,8 @@ class SpatialTransform:
         return F.interpolate(field, size=tuple(size), mode="trilinear", align_corners=True)
 
     def __call__(self, *volumes: torch.Tensor, generator: torch.Generator | None = None,
-                 params=None) -> tuple[torch.Tensor, ...]:
+                 params: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, ...]:
         """The volumes (each (B, C_i, D, H, W), same B and size) warped by the same per-sample
         transform, in their dtypes."""
         if not volumes:

@@ -67,7 +67,8 @@ class GVSL(nn.Module):
         fn = getattr(ops, name)
         return lambda *args, **kw: fn(*args, backend=self.ops_backend, **kw)
 
-    def register(self, a_t: torch.Tensor, b: torch.Tensor):
+    def register(self, a_t: torch.Tensor,
+                 b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features of both images through the shared U-Net (one batched pass) and the
         predictions: ``(theta, flow, local features of A_t)``."""
         n = a_t.shape[0]

@@ -110,10 +110,12 @@ class UNet3D(nn.Module):
 
     @property
     def out_channels(self) -> int:
+        """Channels of the local features ``f_l``."""
         return self.config["up"][-1]
 
     @property
     def global_channels(self) -> int:
+        """Channels of the global features ``f_g``."""
         return self.config["down"][-1]
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -158,15 +160,24 @@ class UNet3D(nn.Module):
         cfg_path = path.with_suffix(path.suffix + ".json")
         if not path.is_file():
             raise FileNotFoundError(f"UNet3D.from_pretrained: no weights at {path}")
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text())
-        elif official.holds_backbone(state):
-            state, cfg = official.backbone_from_official(state)
-        else:
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # torch raises several types for a truncated or foreign file
+            raise ValueError(f"UNet3D.from_pretrained: {path} cannot be read as weights "
+                             f"({type(exc).__name__}: {exc})") from exc
+        if not cfg_path.is_file() and not official.holds_backbone(state):
             raise FileNotFoundError(
                 f"UNet3D.from_pretrained: no configuration at {cfg_path}, and {path} holds no "
                 "U-Net of the original GVSL code")
-        model = cls(cfg["in_channels"], tuple(cfg["down"]), tuple(cfg["up"]), **kwargs)
-        model.load_state_dict(state)
+        layout = f"configuration {cfg_path}" if cfg_path.is_file() else "original GVSL layout"
+        try:
+            if cfg_path.is_file():
+                cfg = json.loads(cfg_path.read_text())
+            else:
+                state, cfg = official.backbone_from_official(state)
+            model = cls(cfg["in_channels"], tuple(cfg["down"]), tuple(cfg["up"]), **kwargs)
+            model.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # the files' fault
+            raise ValueError(f"UNet3D.from_pretrained: {path} ({layout}): "
+                             f"{type(exc).__name__}: {exc}") from exc
         return model

@@ -1,5 +1,6 @@
-"""Drop-in registration ops (DESIGN §2-3): every op takes ``backend=`` in
-("auto", "cuda", "triton", "cpu", "reference") and matches ``gvsl_fast.ops.reference``."""
+"""Drop-in registration ops (DESIGN §2-3): every kernel op takes ``backend=`` in
+("auto", "cuda", "triton", "cpu", "reference") and matches ``gvsl_fast.ops.reference``
+(``smooth_loss``, plain PyTorch, is the reference's own)."""
 
 from gvsl_fast.ops import reference
 from gvsl_fast.ops.affine_warp import affine_warp

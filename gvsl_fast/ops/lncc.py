@@ -175,16 +175,19 @@ _register()
 # ---- drop-in modules -------------------------------------------------------------------------
 
 
-def _odd_window(win: int | Sequence[int] | None, default: int = 9) -> int:
-    """One cubic window side from an int or a per-axis list of equal sides (VoxelMorph style)."""
+def _window_side(arg: str, win: int | Sequence[int] | None, default: int = 9) -> int:
+    """One odd cubic window side from an int or a per-axis list of equal sides (VoxelMorph
+    style); errors name the module's argument ``arg``."""
     if win is None:
         return default
-    if isinstance(win, int):
-        return win
-    sides = set(win)
+    sides = set(win) if isinstance(win, (list, tuple)) else {win}
     if len(sides) != 1:
-        raise ValueError(f"{OP}: only cubic windows are supported, got {list(win)}")
-    return sides.pop()
+        raise ValueError(f"{OP}: `{arg}` must give one side for every axis (only cubic windows "
+                         f"are supported), got {win!r}")
+    side = sides.pop()
+    if isinstance(side, bool) or not isinstance(side, int) or side < 1 or side % 2 == 0:
+        raise ValueError(f"{OP}: `{arg}` must be an odd positive int, got {win!r}")
+    return side
 
 
 class NCC:
@@ -198,11 +201,12 @@ class NCC:
 
     def __init__(self, win: int | Sequence[int] | None = None, eps: float = 1e-5,
                  backend: str = "auto") -> None:
-        self.win = _odd_window(win)
+        self.win = _window_side("win", win)
         self.eps = eps
         self.backend = backend
 
     def loss(self, y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
+        """``-mean(cc)`` of ``y_pred`` against ``y_true``, each ``(B, C, D, H, W)``."""
         return lncc(y_pred, y_true, self.win, self.eps, "mean", "voxelmorph", self.backend)
 
 
@@ -211,7 +215,7 @@ class LocalNormalizedCrossCorrelationLoss(torch.nn.Module):
 
     Args:
         spatial_dims: must be 3.
-        kernel_size: odd window side.
+        kernel_size: odd window side (or a list of equal sides).
         kernel_type: must be ``"rectangular"``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the ``-cc`` map), as MONAI.
         smooth_nr: added to ``cross^2``.
@@ -231,16 +235,15 @@ class LocalNormalizedCrossCorrelationLoss(torch.nn.Module):
         if kernel_type != "rectangular":
             raise ValueError(f"{OP}: only kernel_type='rectangular' is supported, got "
                              f"{kernel_type!r}")
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.kernel_size = _window_side("kernel_size", kernel_size)
         _backend.check_choice(OP, "reduction", str(reduction), REDUCTIONS)
-        self.kernel_size = kernel_size
         self.reduction = str(reduction)
         self.smooth_nr = float(smooth_nr)
         self.smooth_dr = float(smooth_dr)
         self.backend = backend
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``-cc`` of ``pred`` against ``target`` (each ``(B, C, D, H, W)``), reduced as set."""
         out = lncc(pred, target, self.kernel_size, self.smooth_dr, self.reduction, "monai",
                    self.backend, smooth_nr=self.smooth_nr)
         return -out if self.reduction == "none" else out

@@ -1,8 +1,8 @@
 """Plain-PyTorch reference implementations of every op (DESIGN §2-3), written for clarity.
 
 Each fast backend is validated against these functions, which have the same signatures as the
-public ops (less ``backend=``). Autograd differentiates them, so their gradients are the
-reference gradients too. Conventions:
+public ops (less ``backend=`` and ``deterministic=``). Autograd differentiates them, so their
+gradients are the reference gradients too. Conventions:
 
 - volumes ``(B, C, D, H, W)``; index space has voxel centres at integers ``0..S-1``;
 - ``flow`` is ``(B, 3, D, H, W)`` in voxels, channels in (D, H, W) order: output voxel ``p``
@@ -11,12 +11,13 @@ reference gradients too. Conventions:
   columns in (x, y, z) = (W, H, D) order).
 
 Arithmetic runs in float32 for half inputs (float64 stays float64); outputs return in the input
-dtype, loss scalars in float32.
+dtype, loss scalars in float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def identity_grid(size, like: torch.Tensor) -> torch.Tensor:
+def identity_grid(size: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """Index coordinates ``(1, 3, D, H, W)`` of every voxel, in (d, h, w) order."""
     axes = [torch.arange(s, device=like.device, dtype=like.dtype) for s in size]
     return torch.stack(torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)
@@ -118,7 +119,8 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     return sample(img, pos, mode, padding_mode).to(input.dtype)
 
 
-def affine_map_coefficients(out_size, in_size, align_corners: bool, device=None):
+def affine_map_coefficients(out_size: Sequence[int], in_size: Sequence[int], align_corners: bool,
+                            device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
     """Coefficients of the index-space map of theta (csrc/sampling.h ``affine_index_map``),
     float64, in (d, h, w) order: ``(ca (3, 3), cb (3, 3), c (3,), offset (3,))`` with
 
@@ -145,7 +147,8 @@ def affine_map_coefficients(out_size, in_size, align_corners: bool, device=None)
     return tuple(torch.tensor(x, dtype=torch.float64, device=device) for x in (ca, cb, c, offset))
 
 
-def affine_index_map(theta: torch.Tensor, out_size, in_size, align_corners: bool):
+def affine_index_map(theta: torch.Tensor, out_size: Sequence[int], in_size: Sequence[int],
+                     align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """theta (B, 3, 4) folded into the index-space map ``input index = m @ (d, h, w) + t``:
     ``(m (B, 3, 3), t (B, 3))`` in (d, h, w) order and theta's dtype.
 
@@ -164,7 +167,8 @@ def affine_index_map(theta: torch.Tensor, out_size, in_size, align_corners: bool
     return A * ca, t
 
 
-def affine_positions(theta: torch.Tensor, out_size, in_size, align_corners: bool) -> torch.Tensor:
+def affine_positions(theta: torch.Tensor, out_size: Sequence[int], in_size: Sequence[int],
+                     align_corners: bool) -> torch.Tensor:
     """Input index positions ``(B, 3, *out_size)`` (d, h, w) of each output voxel under ``theta``
     (``affine_index_map`` applied to every output index; exact for the identity theta with equal
     sizes, which the composition identity tests rely on)."""

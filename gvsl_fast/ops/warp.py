@@ -11,6 +11,8 @@ streaming product (``_sampler.saves_derivative``). Drop-in modules: :class:`Spat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -197,7 +199,8 @@ class SpatialTransformer(nn.Module):
     the same size check a buffer would get) instead of failing ``strict`` loading; this module
     writes no grid."""
 
-    def __init__(self, size, mode: str = "bilinear", backend: str = "auto") -> None:
+    def __init__(self, size: Sequence[int], mode: str = "bilinear",
+                 backend: str = "auto") -> None:
         super().__init__()
         self.size = tuple(size)
         self.mode = mode
@@ -205,6 +208,7 @@ class SpatialTransformer(nn.Module):
         self.register_load_state_dict_pre_hook(_take_voxelmorph_grid)
 
     def forward(self, src: Tensor, flow: Tensor) -> Tensor:
+        """``src`` (B, C, *size) warped by ``flow`` (B, 3, *size), zeros outside."""
         if tuple(flow.shape[2:]) != self.size:
             raise ValueError(
                 f"SpatialTransformer: flow size {tuple(flow.shape[2:])} != size {self.size}"
@@ -239,6 +243,7 @@ class Warp(nn.Module):
         self.backend = backend
 
     def forward(self, image: Tensor, ddf: Tensor) -> Tensor:
+        """``image`` (B, C, D, H, W) warped by ``ddf`` (B, 3, D, H, W) in voxels."""
         if self.jitter:
             with torch.random.fork_rng(devices=[ddf.device] if ddf.is_cuda else []):
                 torch.random.manual_seed(0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # The paper's configuration (GPU) and a short CPU preset that finishes in 5-12 minutes on a
@@ -68,8 +68,3 @@ class TrainConfig:
         d = asdict(self)
         d["out"] = str(self.out)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
