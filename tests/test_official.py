@@ -9,6 +9,7 @@ with the odd voxel after."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -163,6 +164,11 @@ def test_files_of_neither_layout_are_refused(tmp_path, capsys):
     cfg.write_text("{")
     with pytest.raises(ValueError, match="JSONDecodeError"):
         UNet3D.from_pretrained(tmp_path / "bb.pt")
+    # a training checkpoint (numpy RNG state inside, as pretrain writes): pointed to export
+    checkpoint.save({"step": 1, "rng": np.random.get_state()}, tmp_path / "ckpt_00000001.pt")
+    with pytest.raises(ValueError, match="is a gvsl-fast training checkpoint; write its backbone "
+                       "with `gvsl-fast export"):
+        UNet3D.from_pretrained(tmp_path / "ckpt_00000001.pt")
     torch.save({"unet.inc.double_conv.0.weight": torch.zeros(8, 1, 3, 3, 3)}, tmp_path / "o.pth")
     with pytest.raises(ValueError, match=f"{tmp_path / 'o.pth'} \\(original GVSL layout\\)"):
         UNet3D.from_pretrained(tmp_path / "o.pth")

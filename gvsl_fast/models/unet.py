@@ -160,6 +160,12 @@ class UNet3D(nn.Module):
         cfg_path = path.with_suffix(path.suffix + ".json")
         if not path.is_file():
             raise FileNotFoundError(f"UNet3D.from_pretrained: no weights at {path}")
+        from gvsl_fast.train import checkpoint  # here, not above: the trainer imports the models
+
+        if checkpoint.is_checkpoint(path):
+            raise ValueError(f"UNet3D.from_pretrained: {path} is a gvsl-fast training checkpoint; "
+                             f"write its backbone with `gvsl-fast export {path} OUT.pt` and load "
+                             "that")
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # torch raises several types for a truncated or foreign file

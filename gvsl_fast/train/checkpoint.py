@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -57,6 +58,17 @@ def save(state: dict, path: Path, keep_last: int | None = None) -> Path:
         for old in list_checkpoints(path.parent)[:-keep_last]:
             old.unlink(missing_ok=True)
     return path
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a gvsl-fast training checkpoint, judged without unpickling it: its
+    format string in the pickle of torch's zip archive."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            return len(pickles) == 1 and FORMAT.encode() in archive.read(pickles[0])
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
