@@ -171,13 +171,14 @@ class UNet3D(nn.Module):
         except Exception as exc:  # torch raises several types for a truncated or foreign file
             raise ValueError(f"UNet3D.from_pretrained: {path} cannot be read as weights "
                              f"({type(exc).__name__}: {exc})") from exc
-        if not cfg_path.is_file() and not official.holds_backbone(state):
+        has_cfg = cfg_path.is_file()  # else the original code's layout
+        if not has_cfg and not official.holds_backbone(state):
             raise FileNotFoundError(
                 f"UNet3D.from_pretrained: no configuration at {cfg_path}, and {path} holds no "
                 "U-Net of the original GVSL code")
-        layout = f"configuration {cfg_path}" if cfg_path.is_file() else "original GVSL layout"
+        layout = f"configuration {cfg_path}" if has_cfg else "original GVSL layout"
         try:
-            if cfg_path.is_file():
+            if has_cfg:
                 cfg = json.loads(cfg_path.read_text())
             else:
                 state, cfg = official.backbone_from_official(state)
