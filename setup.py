@@ -16,7 +16,8 @@ import tempfile
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import BuildExtension as TorchBuildExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,6 +70,53 @@ def _native_flags() -> list[str]:
     return flags
 
 
+# ISA macros of the C++ compiler, as /proc/cpuinfo names the features (x86; elsewhere none).
+_ISA_MACROS = {
+    "SSE4_2": "sse4_2", "AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI": "bmi1",
+    "BMI2": "bmi2", "AVXVNNI": "avx_vnni", "AVX512F": "avx512f", "AVX512CD": "avx512cd",
+    "AVX512BW": "avx512bw", "AVX512DQ": "avx512dq", "AVX512VL": "avx512vl",
+    "AVX512VNNI": "avx512_vnni", "AVX512BF16": "avx512_bf16", "AVX512FP16": "avx512_fp16",
+    "AVX512VBMI": "avx512vbmi", "AVX512IFMA": "avx512ifma", "AMX_TILE": "amx_tile",
+    "AMX_BF16": "amx_bf16", "AMX_INT8": "amx_int8",
+}
+
+
+def _cpu_features(flags: list[str]) -> list[str]:
+    """The CPU features that code compiled with `flags` may use (the compiler's ISA macros)."""
+    cmd = [os.environ.get("CXX", "c++"), *flags, "-dM", "-E", "-x", "c++", os.devnull]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    defined = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("#define")}
+    return sorted(name for macro, name in _ISA_MACROS.items() if f"__{macro}__" in defined)
+
+
+class BuildExtension(TorchBuildExtension):
+    """torch's build, then gvsl_fast/_build_info.py: what the extension was compiled for, which
+    gvsl_fast checks against the machine before loading it (a -march=native build run on an older
+    CPU would die of an illegal instruction; a GPU outside the CUDA targets would fail at the
+    first launch). Written beside the built extension (the wheel's tree, and the source tree for
+    in-place and editable builds), never by other setup.py commands such as sdist."""
+
+    def run(self) -> None:
+        super().run()
+        (ext,) = self.extensions
+        codes = []
+        if any(src.endswith(".cu") for src in ext.sources):  # the -gencode flags nvcc was given
+            from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+            codes = sorted({f.rsplit("code=", 1)[1] for f in _get_cuda_arch_flags()
+                            if "code=" in f})
+        text = ('"""What gvsl_fast._C was compiled for (written by setup.py; not tracked)."""\n\n'
+                f"CPU_FEATURES = {tuple(_cpu_features(ext.extra_compile_args['cxx']))!r}\n"
+                f"CUDA_CODES = {tuple(codes)!r}\n")
+        dirs = [os.path.join(self.build_lib, "gvsl_fast")]
+        if self.inplace or getattr(self, "editable_mode", False):
+            dirs.append(os.path.join(ROOT, "gvsl_fast"))
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "_build_info.py"), "w") as f:
+                f.write(text)
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math: lets GCC if-convert and vectorize the samplers' clamps and float-to-int
@@ -81,9 +129,10 @@ def extension():
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
-    if _want_cuda():
-        if not torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    cuda = _want_cuda()
+    if cuda and not torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    if cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         kwargs["include_dirs"] += _wheel_cuda_includes()
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]

@@ -184,10 +184,15 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"devices: cpu ({torch.get_num_threads()} threads)" + "".join(f", {g}" for g in gpus))
     checks = {
         "cpu": _backend.extension_error(),
-        "cuda": _backend.cuda_kernels_error() or (None if gpus else "no CUDA device"),
+        "cuda": (_backend.cuda_kernels_error(torch.device("cuda", 0) if gpus else None)
+                 or (None if gpus else "no CUDA device")),
         "triton": _backend.triton_error(torch.device("cuda" if gpus else "cpu")),
         "reference": None,
     }
+    built = _backend.build_info()
+    if built is not None:
+        print(f"gvsl_fast._C compiled for: CPU features {' '.join(built.CPU_FEATURES) or '(base)'}"
+              f"; CUDA {' '.join(built.CUDA_CODES) or '(none)'}")
     print("op backends:")
     for name, why in checks.items():
         print(f"  {name}: {'available' if why is None else 'unavailable: ' + why}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -26,15 +27,66 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_DTYPES = FAST_DTYPES + (torch.float64,)
 
-try:
-    from gvsl_fast import _C  # noqa: F401  (registers torch.ops.gvsl_fast.*)
 
-    _C_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _C_ERROR = (
-        f"the compiled extension gvsl_fast._C is not importable ({exc}); "
-        "build it with `pip install --no-build-isolation -e .`"
-    )
+def host_cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags as /proc/cpuinfo lists them, or None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_build_error(features: Sequence[str], host: frozenset[str] | None) -> str | None:
+    """Why an extension compiled to use CPU `features` cannot run on a CPU with flags `host`
+    (None: unknown, so no objection), or None."""
+    missing = sorted(set(features) - host) if host is not None else []
+    if not missing:
+        return None
+    return (f"gvsl_fast._C was compiled for CPU features this CPU lacks ({', '.join(missing)}), "
+            "as a -march=native build on another machine is; rebuild it on this machine, or "
+            "build with GVSL_FAST_PORTABLE=1")
+
+
+def cuda_arch_error(codes: Sequence[str], capability: tuple[int, int], gpu: str) -> str | None:
+    """Why CUDA kernels compiled for `codes` (nvcc's sm_XY binaries and compute_XY PTX) cannot run
+    on a GPU of compute `capability`, or None. A binary runs on its major version from its minor
+    up (an arch-specific sm_XYa on X.Y only); PTX is compiled at load for any later GPU."""
+    for code in codes:
+        kind, _, arch = code.partition("_")
+        digits = arch.rstrip("abcdefghijklmnopqrstuvwxyz")
+        if not digits.isdigit() or len(digits) < 2:
+            continue
+        built = (int(digits[:-1]), int(digits[-1]))
+        if kind == "compute" and built <= capability:
+            return None
+        if kind == "sm" and built[0] == capability[0] and (
+                built[1] == capability[1] if arch.endswith("a") else built[1] <= capability[1]):
+            return None
+    major, minor = capability
+    return (f"gvsl_fast._C's CUDA kernels were built for {', '.join(codes)}; {gpu} is "
+            f"sm_{major}{minor}: rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
+
+
+try:  # what setup.py compiled the extension for (absent where it was built by other means)
+    from gvsl_fast import _build_info
+except ImportError:  # pragma: no cover - depends on the build
+    _build_info = None
+
+# Checked before loading: code for CPU features this CPU lacks dies of an illegal instruction.
+_C_ERROR: str | None = (cpu_build_error(_build_info.CPU_FEATURES, host_cpu_flags())
+                        if _build_info else None)
+if _C_ERROR is None:
+    try:
+        from gvsl_fast import _C  # noqa: F401  (registers torch.ops.gvsl_fast.*)
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        _C_ERROR = (
+            f"the compiled extension gvsl_fast._C is not importable ({exc}); "
+            "build it with `pip install --no-build-isolation -e .`"
+        )
 
 try:
     import triton  # noqa: F401
@@ -51,8 +103,15 @@ def extension_error() -> str | None:
     return _C_ERROR
 
 
-def cuda_kernels_error() -> str | None:
-    """Why the CUDA kernels of the extension cannot be used, or None."""
+def build_info() -> types.ModuleType | None:
+    """What setup.py compiled gvsl_fast._C for (``CPU_FEATURES``, ``CUDA_CODES``), or None where
+    that was not recorded."""
+    return _build_info
+
+
+def cuda_kernels_error(device: torch.device | None = None) -> str | None:
+    """Why the CUDA kernels of the extension cannot be used (on CUDA `device`, when given), or
+    None."""
     if _C_ERROR:
         return _C_ERROR
     if not torch.ops.gvsl_fast.cuda_built():
@@ -60,7 +119,17 @@ def cuda_kernels_error() -> str | None:
             "gvsl_fast._C was built without CUDA kernels (torch without CUDA, no nvcc, "
             "or GVSL_FAST_CUDA=0 at build time)"
         )
+    if device is not None and _build_info and _build_info.CUDA_CODES:
+        return _gpu_arch_error(device.index if device.index is not None
+                               else torch.cuda.current_device())
     return None
+
+
+@functools.cache
+def _gpu_arch_error(index: int) -> str | None:
+    """cuda_arch_error for GPU `index`, asked once per GPU (every op call resolves its backend)."""
+    return cuda_arch_error(_build_info.CUDA_CODES, torch.cuda.get_device_capability(index),
+                           f"cuda:{index} ({torch.cuda.get_device_name(index)})")
 
 
 def triton_error(device: torch.device) -> str | None:
@@ -89,7 +158,7 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | Non
             return f"backend 'cuda' needs CUDA tensors, got {device}"
         if dtype not in FAST_DTYPES:
             return f"backend 'cuda' supports {FAST_DTYPES}, got {dtype}"
-        return cuda_kernels_error()
+        return cuda_kernels_error(device)
     if backend == "triton":
         if dtype not in FAST_DTYPES:
             return f"backend 'triton' supports {FAST_DTYPES}, got {dtype}"
