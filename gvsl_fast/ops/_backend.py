@@ -46,9 +46,9 @@ def cpu_build_error(features: Sequence[str], host: frozenset[str] | None) -> str
     missing = sorted(set(features) - host) if host is not None else []
     if not missing:
         return None
-    return (f"gvsl_fast._C was compiled for CPU features this CPU lacks ({', '.join(missing)}), "
-            "as a -march=native build on another machine is; rebuild it on this machine, or "
-            "build with GVSL_FAST_PORTABLE=1")
+    return (f"gvsl_fast._C uses CPU features this CPU lacks ({', '.join(missing)}), built "
+            "with -march=native on another machine, say; rebuild it on this machine, or build "
+            "with GVSL_FAST_PORTABLE=1")
 
 
 def cuda_arch_error(codes: Sequence[str], capability: tuple[int, int], gpu: str) -> str | None:
