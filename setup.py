@@ -129,10 +129,9 @@ def extension():
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
-    cuda = _want_cuda()
-    if cuda and not torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    if cuda:
+    if _want_cuda():
+        if not torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         kwargs["include_dirs"] += _wheel_cuda_includes()
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
