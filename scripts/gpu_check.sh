@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # On a lent GPU machine: build gvsl_fast._C with the CUDA kernels, run the test suite on the GPU
 # and the benchmarks (with their per-kernel time breakdown), and leave logs and pytest-benchmark
-# JSON under $OUT (default ./gpu-out).
-#   scripts/gpu_check.sh [tests|bench|all] [extra pytest -k expression for the tests]
+# JSON under $OUT (default ./gpu-out). `profile` instead runs Nsight Compute on one forward +
+# backward of each GVSL op (scripts/gpu_profile.py): per kernel its time, DRAM throughput,
+# occupancy, registers and stall reasons, to see what keeps a kernel from its floor.
+#   scripts/gpu_check.sh [tests|bench|all|profile] [-k expression for the tests]
+# The GPU image lacks nibabel, nilearn (the embedded cohort) and monai: run scripts/gpu_wheels.sh
+# here first and carry .whl/ with the command.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -21,6 +25,21 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 
   || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $((SECONDS - t0)) s"
 python3 -c "import torch, gvsl_fast._C; assert torch.ops.gvsl_fast.cuda_built()" || exit 1
+if [ "$what" = profile ]; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+  [ -n "$NCU" ] || { echo "profile: Nsight Compute (ncu) not found"; exit 1; }
+  for op in lncc warp affine_flow_warp affine_warp_32ch; do
+    # clocks as found (--clock-control none): the card's settings are not ours to change
+    "$NCU" --profile-from-start off --clock-control none --set detailed -f -o "$OUT/ncu-$op" \
+      python3 scripts/gpu_profile.py "$op" >"$OUT/ncu-$op.log" 2>&1 \
+      || { tail -20 "$OUT/ncu-$op.log"; exit 1; }
+    "$NCU" -i "$OUT/ncu-$op.ncu-rep" --page details >"$OUT/ncu-$op.txt"
+    echo "== $op"
+    "$NCU" -i "$OUT/ncu-$op.ncu-rep" --page raw --csv --metrics "$(python3 scripts/gpu_profile.py --metrics)" |
+      python3 scripts/gpu_profile.py --summary | tee "$OUT/ncu-$op-summary.txt"
+  done
+  exit 0
+fi
 if [ "$what" != bench ]; then
   # (not the host emulation of the CUDA kernels: CPU work that CI already does)
   python3 -m pytest tests -q -p no:cacheprovider -k "${2:-(cuda or triton or gpu) and not emulated}" \

@@ -1,0 +1,104 @@
+"""One forward + backward of an op at the GPU benchmark size, bracketed for a profiler.
+
+Run under Nsight Compute with ``--profile-from-start off`` (``scripts/gpu_check.sh profile``):
+the op runs once to warm up (module load, Triton compilation, allocator), then once between
+``cudaProfilerStart`` and ``cudaProfilerStop``, so the report holds exactly the kernels of one
+step. Inputs are random (never zeros: they hide wrong indexing and can run faster than data).
+
+    python3 scripts/gpu_profile.py {lncc,warp,affine_flow_warp,affine_warp_32ch} [--backend B]
+
+``--metrics`` prints the metrics that the summary reads; ``--summary`` turns ncu's raw CSV of
+them (``ncu -i REPORT --page raw --csv --metrics ...``) into one line per kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+import torch
+
+from gvsl_fast import ops
+
+SPATIAL = (160, 160, 128)  # the GPU benchmarks' sample (DESIGN §7)
+OPS = ("lncc", "warp", "affine_flow_warp", "affine_warp_32ch")
+METRICS = {  # ncu metric: its column in the summary
+    "gpu__time_duration.sum": "time",
+    "dram__bytes.sum": "DRAM bytes",
+    "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed": "DRAM of peak",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed": "SM of peak",
+    "sm__warps_active.avg.pct_of_peak_sustained_active": "occupancy",
+    "launch__registers_per_thread": "registers",
+}
+
+
+def case(op: str, device: torch.device):
+    """(a closure running the op forward and backward, a description) for the GVSL use of op."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0, grad=False):
+        t = scale * torch.rand(*shape, generator=g, device=device)
+        return t.requires_grad_(grad)
+
+    def theta():
+        eye = torch.eye(3, 4, device=device).unsqueeze(0)
+        return (eye + 0.05 * (2 * rand(1, 3, 4) - 1)).requires_grad_(True)
+
+    if op == "lncc":  # GVSL: only the warped image needs a gradient
+        a, b = rand(1, 1, *SPATIAL, grad=True), rand(1, 1, *SPATIAL)
+        return lambda be: ops.lncc(a, b, window=9, backend=be).backward(), "lncc window 9, d a"
+    if op == "warp":  # VoxelMorph/MONAI: the flow needs a gradient, the image is data
+        image, flow = rand(1, 1, *SPATIAL), rand(1, 3, *SPATIAL, scale=4.0, grad=True)
+        return (lambda be: ops.warp(image, flow, backend=be).sum().backward(),
+                "warp 1 channel, d flow")
+    if op == "affine_flow_warp":  # GVSL's moving image: theta and flow need gradients
+        image, flow, th = rand(1, 1, *SPATIAL), rand(1, 3, *SPATIAL, scale=4.0, grad=True), theta()
+        return (lambda be: ops.affine_flow_warp(image, th, flow, backend=be).sum().backward(),
+                "affine_flow_warp 1 channel, d theta and d flow")
+    if op == "affine_warp_32ch":  # GVSL's features: image and theta need gradients
+        image, th = rand(1, 32, *SPATIAL, grad=True), theta()
+        return (lambda be: ops.affine_warp(image, th, backend=be).sum().backward(),
+                "affine_warp 32 channels, d image and d theta")
+    raise ValueError(f"gpu_profile: unknown op {op!r}")
+
+
+def summary(lines) -> str:
+    """One line per kernel of ncu's raw CSV export (a header row, a units row, then a row per
+    kernel launch): its name and the METRICS columns, with their units."""
+    units, *rows = csv.DictReader(lines)
+    out = [" | ".join(["kernel"] + [f"{col} [{units.get(m, '')}]".replace(" []", "")
+                                    for m, col in METRICS.items()])]
+    for r in rows:
+        out.append(" | ".join([r["Kernel Name"][:60]] + [r.get(m, "?") for m in METRICS]))
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("op", nargs="?", choices=OPS)
+    parser.add_argument("--backend", default="cuda", choices=["cuda", "triton"])
+    parser.add_argument("--metrics", action="store_true", help="print the summary's metrics")
+    parser.add_argument("--summary", action="store_true", help="summarize ncu's CSV on stdin")
+    args = parser.parse_args()
+    if args.metrics:
+        print(",".join(METRICS))
+        return
+    if args.summary:
+        print(summary(sys.stdin))
+        return
+    if args.op is None:
+        parser.error("name an op, or --metrics / --summary")
+    device = torch.device("cuda")
+    step, what = case(args.op, device)
+    step(args.backend)  # warm-up, outside the profiled range
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    step(args.backend)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print(f"profiled one step: {what}, {SPATIAL}, backend {args.backend}")
+
+
+if __name__ == "__main__":
+    main()
