@@ -9,6 +9,10 @@ Paths:
   grid_sample resamplings, the affine and deformable warps as two grid_sample calls, and the NCC
   as dense 9^3 convolutions (benchmarks/baselines.py).
 
+On the GPU two more variants of the step are timed, with their peak memory: the fast step with
+activation checkpointing (``--grad-checkpoint``), and, beside the AMP run, the original code in
+float32, as its users run it (it has no AMP): the ratios a user switching from it would see.
+
 Breakdown ("outside the convolutions"): the transforms of a batch plus the forward and backward
 of the registration ops and losses on tensors shaped and laid out as in the step (32-channel
 features, with the upstream gradient of their warp injected as the deformable head's backward
@@ -84,11 +88,12 @@ def _transforms(path: str, device):
     return run
 
 
-def _model(path: str, device) -> GVSL:
+def _model(path: str, device, grad_checkpoint: bool = False) -> GVSL:
     torch.manual_seed(0)
     if path == "original":
         return OriginalGVSL(backbone=UNet3D()).to(device)
-    model = GVSL(UNet3D(), ops_backend="auto" if path == "fast" else "reference").to(device)
+    model = GVSL(UNet3D(grad_checkpoint=grad_checkpoint),
+                 ops_backend="auto" if path == "fast" else "reference").to(device)
     # the fast path runs channels_last_3d, as the trainer does
     return model.to(memory_format=torch.channels_last_3d) if path == "fast" else model
 
@@ -99,8 +104,8 @@ def _layout(path: str, *xs):
     return tuple(x.contiguous(memory_format=torch.channels_last_3d) for x in xs)
 
 
-def _step_fn(path: str, device, size, amp: bool):
-    model = _model(path, device)
+def _step_fn(path: str, device, size, amp: bool, grad_checkpoint: bool = False):
+    model = _model(path, device, grad_checkpoint)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     transforms = _transforms(path, device)
     gen = torch.Generator(device=device)
@@ -152,17 +157,24 @@ def _outside_fn(path: str, device, size):
 
 def _measure(benchmark, device, size, amp: bool, rounds: int):
     paths = ("fast", "reference", "original")
+    # (name, path, amp, activation checkpointing): the extra GPU variants, step time and memory
+    variants = [(p, p, amp, False) for p in paths]
+    if device.type == "cuda":
+        variants.append(("fast_grad_checkpoint", "fast", amp, True))
+        if amp:
+            variants.append(("original_fp32", "original", False, False))
     full, outside, peak = {}, {}, {}
-    for path in paths:
-        step = _step_fn(path, device, size, amp)
+    for name, path, amp_, ckpt in variants:
+        step = _step_fn(path, device, size, amp_, ckpt)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        full[path] = median_time(step, device, warmup=1, reps=rounds)
+        full[name] = median_time(step, device, warmup=1, reps=rounds)
         if device.type == "cuda":
-            peak[path] = torch.cuda.max_memory_allocated() / 2**20
-        outside[path] = median_time(_outside_fn(path, device, size), device, warmup=1,
-                                    reps=rounds)
+            peak[name] = torch.cuda.max_memory_allocated() / 2**20
         del step
+        if name in paths:
+            outside[name] = median_time(_outside_fn(path, device, size), device, warmup=1,
+                                        reps=rounds)
     fast_step = _step_fn("fast", device, size, amp)
 
     def timed():
@@ -176,16 +188,22 @@ def _measure(benchmark, device, size, amp: bool, rounds: int):
            bytes_moved=voxels * 4 * 3, baselines={"reference": full["reference"],
                                                   "original": full["original"]})
     info = benchmark.extra_info
-    for path in paths:
-        info[f"{path}_step_s"] = round(full[path], 4)
-        info[f"{path}_outside_convs_s"] = round(outside[path], 4)
-        info[f"{path}_convs_s"] = round(full[path] - outside[path], 4)
+    for name in full:
+        info[f"{name}_step_s"] = round(full[name], 4)
+        if name in outside:
+            info[f"{name}_outside_convs_s"] = round(outside[name], 4)
+            info[f"{name}_convs_s"] = round(full[name] - outside[name], 4)
         if peak:
-            info[f"{path}_peak_mib"] = round(peak[path], 1)
+            info[f"{name}_peak_mib"] = round(peak[name], 1)
     info["outside_convs_speedup_vs_original"] = round(outside["original"] / outside["fast"], 2)
     info["step_speedup_vs_original"] = round(full["original"] / full["fast"], 2)
-    if peak:
-        info["peak_memory_ratio_fast_over_original"] = round(peak["fast"] / peak["original"], 3)
+    for base in ("original", "original_fp32"):
+        for fast in ("fast", "fast_grad_checkpoint"):
+            if base not in peak or fast not in peak:
+                continue
+            info[f"peak_memory_ratio_{fast}_over_{base}"] = round(peak[fast] / peak[base], 3)
+            if (fast, base) != ("fast", "original"):  # that one is step_speedup_vs_original
+                info[f"step_speedup_{fast}_vs_{base}"] = round(full[base] / full[fast], 2)
 
 
 def test_train_step_cpu(benchmark):
