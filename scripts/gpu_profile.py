@@ -30,6 +30,10 @@ METRICS = {  # ncu metric: its column in the summary
     "sm__throughput.avg.pct_of_peak_sustained_elapsed": "SM of peak",
     "sm__warps_active.avg.pct_of_peak_sustained_active": "occupancy",
     "launch__registers_per_thread": "registers",
+    # instructions issued (per warp): divided by the voxels, the cost a kernel pays per voxel;
+    # with the issue slots' use, whether it is bound by issuing instructions
+    "smsp__inst_executed.sum": "warp instructions",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue active",
 }
 
 
