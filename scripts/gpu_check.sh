@@ -28,7 +28,7 @@ python3 -c "import torch, gvsl_fast._C; assert torch.ops.gvsl_fast.cuda_built()"
 if [ "$what" = profile ]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
   [ -n "$NCU" ] || { echo "profile: Nsight Compute (ncu) not found"; exit 1; }
-  for op in lncc warp affine_flow_warp affine_warp_32ch; do
+  for op in $(python3 scripts/gpu_profile.py --list); do
     # clocks as found (--clock-control none): the card's settings are not ours to change
     "$NCU" --profile-from-start off --clock-control none --set detailed -f -o "$OUT/ncu-$op" \
       python3 scripts/gpu_profile.py "$op" >"$OUT/ncu-$op.log" 2>&1 \

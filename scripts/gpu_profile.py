@@ -7,8 +7,9 @@ step. Inputs are random (never zeros: they hide wrong indexing and can run faste
 
     python3 scripts/gpu_profile.py {lncc,warp,affine_flow_warp,affine_warp_32ch} [--backend B]
 
-``--metrics`` prints the metrics that the summary reads; ``--summary`` turns ncu's raw CSV of
-them (``ncu -i REPORT --page raw --csv --metrics ...``) into one line per kernel.
+``--list`` prints the ops, ``--metrics`` the metrics that the summary reads; ``--summary``
+turns ncu's raw CSV of them (``ncu -i REPORT --page raw --csv --metrics ...``) into one line per
+kernel.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -37,8 +40,14 @@ METRICS = {  # ncu metric: its column in the summary
 }
 
 
-def case(op: str, device: torch.device):
-    """(a closure running the op forward and backward, a description) for the GVSL use of op."""
+class Case(NamedTuple):
+    step: Callable[[str], None]  # forward + backward on the named backend
+    what: str
+    leaves: tuple[torch.Tensor, ...]  # the inputs that receive gradients
+
+
+def case(op: str, device: torch.device, spatial: tuple[int, int, int] = SPATIAL) -> Case:
+    """The GVSL use of op on random inputs of the given spatial size."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, scale=1.0, grad=False):
@@ -50,21 +59,24 @@ def case(op: str, device: torch.device):
         return (eye + 0.05 * (2 * rand(1, 3, 4) - 1)).requires_grad_(True)
 
     if op == "lncc":  # GVSL: only the warped image needs a gradient
-        a, b = rand(1, 1, *SPATIAL, grad=True), rand(1, 1, *SPATIAL)
-        return lambda be: ops.lncc(a, b, window=9, backend=be).backward(), "lncc window 9, d a"
-    if op == "warp":  # VoxelMorph/MONAI: the flow needs a gradient, the image is data
-        image, flow = rand(1, 1, *SPATIAL), rand(1, 3, *SPATIAL, scale=4.0, grad=True)
-        return (lambda be: ops.warp(image, flow, backend=be).sum().backward(),
-                "warp 1 channel, d flow")
-    if op == "affine_flow_warp":  # GVSL's moving image: theta and flow need gradients
-        image, flow, th = rand(1, 1, *SPATIAL), rand(1, 3, *SPATIAL, scale=4.0, grad=True), theta()
-        return (lambda be: ops.affine_flow_warp(image, th, flow, backend=be).sum().backward(),
-                "affine_flow_warp 1 channel, d theta and d flow")
-    if op == "affine_warp_32ch":  # GVSL's features: image and theta need gradients
-        image, th = rand(1, 32, *SPATIAL, grad=True), theta()
-        return (lambda be: ops.affine_warp(image, th, backend=be).sum().backward(),
-                "affine_warp 32 channels, d image and d theta")
-    raise ValueError(f"gpu_profile: unknown op {op!r}")
+        a, b = rand(1, 1, *spatial, grad=True), rand(1, 1, *spatial)
+        fn, what, leaves = (lambda be: ops.lncc(a, b, window=9, backend=be),
+                            "lncc window 9, d a", (a,))
+    elif op == "warp":  # VoxelMorph/MONAI: the flow needs a gradient, the image is data
+        image, flow = rand(1, 1, *spatial), rand(1, 3, *spatial, scale=4.0, grad=True)
+        fn, what, leaves = (lambda be: ops.warp(image, flow, backend=be),
+                            "warp 1 channel, d flow", (flow,))
+    elif op == "affine_flow_warp":  # GVSL's moving image: theta and flow need gradients
+        image, flow, th = rand(1, 1, *spatial), rand(1, 3, *spatial, scale=4.0, grad=True), theta()
+        fn, what, leaves = (lambda be: ops.affine_flow_warp(image, th, flow, backend=be),
+                            "affine_flow_warp 1 channel, d theta and d flow", (th, flow))
+    elif op == "affine_warp_32ch":  # GVSL's features: image and theta need gradients
+        image, th = rand(1, 32, *spatial, grad=True), theta()
+        fn, what, leaves = (lambda be: ops.affine_warp(image, th, backend=be),
+                            "affine_warp 32 channels, d image and d theta", (image, th))
+    else:
+        raise ValueError(f"gpu_profile: unknown op {op!r}")
+    return Case(lambda be: fn(be).sum().backward(), what, leaves)
 
 
 def summary(lines) -> str:
@@ -82,9 +94,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("op", nargs="?", choices=OPS)
     parser.add_argument("--backend", default="cuda", choices=["cuda", "triton"])
+    parser.add_argument("--list", action="store_true", help="print the ops, one a line")
     parser.add_argument("--metrics", action="store_true", help="print the summary's metrics")
     parser.add_argument("--summary", action="store_true", help="summarize ncu's CSV on stdin")
     args = parser.parse_args()
+    if args.list:
+        print("\n".join(OPS))
+        return
     if args.metrics:
         print(",".join(METRICS))
         return
@@ -94,7 +110,7 @@ def main() -> None:
     if args.op is None:
         parser.error("name an op, or --metrics / --summary")
     device = torch.device("cuda")
-    step, what = case(args.op, device)
+    step, what, _ = case(args.op, device)
     step(args.backend)  # warm-up, outside the profiled range
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
