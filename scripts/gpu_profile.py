@@ -108,10 +108,12 @@ def main() -> None:
         print(summary(sys.stdin))
         return
     if args.op is None:
-        parser.error("name an op, or --metrics / --summary")
+        parser.error("name an op, or --list / --metrics / --summary")
     device = torch.device("cuda")
-    step, what, _ = case(args.op, device)
+    step, what, leaves = case(args.op, device)
     step(args.backend)  # warm-up, outside the profiled range
+    for leaf in leaves:  # no gradient accumulation kernels in the profile
+        leaf.grad = None
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
     step(args.backend)
