@@ -3,7 +3,7 @@
 # image lacks and the GPU tests and benchmarks need: nibabel and nilearn (the embedded MNI152
 # cohort) and monai (the drop-in modules' comparisons). All three are pure Python, so one wheel
 # serves the GPU machine's Python; their own dependencies are in that image already. About
-# 17 MB: carry it with the command (`carry: [".whl"]`); scripts/gpu_check.sh installs it there.
+# 16 MB: carry it with the command (`carry: [".whl"]`); scripts/gpu_check.sh installs it there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
