@@ -23,16 +23,20 @@ template <typename T> struct LnccStats {
   T cross, ivar, jvar, mui, muj;
 };
 
-// The means divide (rather than multiply by 1/n) so that a window of one exactly representable
-// constant c has mu = c and zero variance and cross exactly: constant regions give cc = 0.
+// The means divide (rather than multiply by 1/n), so that a window of one constant c has mu = c
+// exactly: its variance is then zero where the squares summed are exact, and a rounding residue
+// elsewhere. A window of one voxel (n = 1) has no variance or cross term at all: its statistics are
+// set to zero. (Computed, SII holds I^2 rounded to float32 while SI^2 is exact in double: a
+// residue that MONAI's cc, dividing by eps^2, made up to 1e2 near intensity 100 instead of 0.)
 template <typename T>
 GVSL_HD LnccStats<T> lncc_stats(T si, T sj, T sii, T sjj, T sij, T n) {
   LnccStats<T> s;
   s.mui = si / n;
   s.muj = sj / n;
-  s.cross = sij - si * s.muj;
-  s.ivar = sii - si * s.mui;
-  s.jvar = sjj - sj * s.muj;
+  const bool one = n == T(1);
+  s.cross = one ? T(0) : sij - si * s.muj;
+  s.ivar = one ? T(0) : sii - si * s.mui;
+  s.jvar = one ? T(0) : sjj - sj * s.muj;
   return s;
 }
 

@@ -77,9 +77,10 @@ def _stats(s_ptr, offs, m, N, n):
     sij = tl.load(s_ptr + 4 * N + offs, mask=m, other=0.0)
     mui = si / n  # float64: n (= window^3, exact in float32) promotes
     muj = sj / n
-    cross = sij - si * muj
-    ivar = sii - si * mui
-    jvar = sjj - sj * muj
+    one = n == 1.0  # a one-voxel window: zero statistics, as in exact arithmetic (csrc/lncc.h)
+    cross = tl.where(one, 0.0, sij - si * muj)
+    ivar = tl.where(one, 0.0, sii - si * mui)
+    jvar = tl.where(one, 0.0, sjj - sj * muj)
     return (cross.to(tl.float32), ivar.to(tl.float32), jvar.to(tl.float32), mui.to(tl.float32),
             muj.to(tl.float32))
 

@@ -260,6 +260,15 @@ def test_lncc_windows(cuda_emulated, window):
               lncc_grads(CPU, a, b, window, need=need), torch.float32, f"window {window} {need}")
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_lncc_window_one(cuda_emulated, preset):
+    """A one-voxel window: cc and both gradients exactly zero (tests/test_lncc.py::
+    test_window_one), at intensities near 100."""
+    a, b = (x + 100.0 for x in volumes((1, 2, 5, 6, 33)))
+    cc, ga, gb = lncc_grads(cuda_emulated, a, b, 1, preset, "none")
+    assert not cc.any() and not ga.any() and not gb.any()
+
+
 @pytest.mark.parametrize("window", [3, 9, 15])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_lncc_partial_tiles_and_depth_chunks(cuda_emulated, window, reduction):

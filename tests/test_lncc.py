@@ -157,6 +157,22 @@ def test_intensity_offset(device, backend, offset):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_window_one(device, backend, preset):
+    """A one-voxel window has no variance and no cross term: cc is exactly 0 and the gradients
+    are exactly 0, as the reference (and MONAI's loss) give, here at raw-scanner-like intensities.
+    (From float32 squares and double sums it had been a rounding residue: MONAI's cc, which
+    divides it by eps^2, reached 1e2 near intensity 100.)"""
+    a, b = (x + 100.0 for x in volumes((1, 2, 5, 6, 7), device))
+    cc, ga, gb = run(lambda x, y: lncc(x, y, 1, reduction="none", preset=preset,
+                                       backend=backend), a, b, "none")
+    ref = reference.lncc(a, b, 1, reduction="none", preset=preset)
+    assert torch.equal(ref, torch.zeros_like(ref))  # what the statistics must be
+    assert torch.equal(cc, ref)
+    assert not ga.any() and not gb.any()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=backend_ids(BACKENDS))
 def test_channels_last(device, backend):
     a, b = volumes((2, 3, 7, 8, 9), device)
     a, b = a.to(memory_format=torch.channels_last_3d), b.to(memory_format=torch.channels_last_3d)
@@ -375,7 +391,7 @@ def test_large_window_goes_to_triton(monkeypatch):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("kernel_size,smooth_nr", [(3, 0.0), (7, 1e-4)])
+@pytest.mark.parametrize("kernel_size,smooth_nr", [(1, 0.0), (3, 0.0), (7, 1e-4)])
 def test_monai_module(reduction, kernel_size, smooth_nr):
     monai_losses = pytest.importorskip("monai.losses")
     pred, target = volumes((2, 2, 9, 10, 11), "cpu")
