@@ -12,6 +12,7 @@ CUDA build do not replace a GPU run either."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -130,22 +131,27 @@ def test_compose_and_affine_flow_warp(cuda_emulated, padding, align_corners, cha
                          channels_last=channels_last, scale=2.0)
     theta = near_identity(BATCH, 0.15).to(dtype)
     for deterministic in (False, True):
-        opts = (align_corners, PADDINGS[padding], deterministic)
-        out = cuda_emulated.compose_fwd(theta, flow, *opts)
-        check(out, CPU.compose_fwd(theta, flow, *opts), dtype, "compose_fwd")
-        go = inputs(out.shape, dtype=dtype, seed=5)[0]
-        for asked in ASKED:
-            args = (go, theta, flow, *opts, *asked)
-            check(cuda_emulated.compose_bwd(*args), CPU.compose_bwd(*args), dtype,
-                  f"compose {asked} deterministic={deterministic}")
-        out = cuda_emulated.affine_flow_warp_fwd(image, theta, flow, *opts)
-        check(out, CPU.affine_flow_warp_fwd(image, theta, flow, *opts), dtype, "afw_fwd")
-        go = inputs(out.shape, dtype=dtype, seed=6)[0]
-        for asked in ((True, True, True), (True, False, False), (False, True, False),
-                      (False, False, True), (False, True, True)):
-            args = (go, image, theta, flow, *opts, *asked)
-            check(cuda_emulated.affine_flow_warp_bwd(*args), CPU.affine_flow_warp_bwd(*args),
-                  dtype, f"afw {asked} deterministic={deterministic}")
+        check_compose(cuda_emulated, image, theta, flow,
+                      (align_corners, PADDINGS[padding], deterministic), dtype)
+
+
+def check_compose(emu, image, theta, flow, opts, dtype):
+    """compose_{fwd,bwd} and affine_flow_warp_{fwd,bwd} with options ``opts`` (align_corners,
+    padding, deterministic), every choice of gradients, emulated CUDA against the CPU backend."""
+    out = emu.compose_fwd(theta, flow, *opts)
+    check(out, CPU.compose_fwd(theta, flow, *opts), dtype, "compose_fwd")
+    go = inputs(out.shape, dtype=dtype, seed=5)[0]
+    for asked in ASKED:
+        args = (go, theta, flow, *opts, *asked)
+        check(emu.compose_bwd(*args), CPU.compose_bwd(*args), dtype, f"compose {asked} {opts}")
+    out = emu.affine_flow_warp_fwd(image, theta, flow, *opts)
+    check(out, CPU.affine_flow_warp_fwd(image, theta, flow, *opts), dtype, "afw_fwd")
+    go = inputs(out.shape, dtype=dtype, seed=6)[0]
+    for asked in ((True, True, True), (True, False, False), (False, True, False),
+                  (False, False, True), (False, True, True)):
+        args = (go, image, theta, flow, *opts, *asked)
+        check(emu.affine_flow_warp_bwd(*args), CPU.affine_flow_warp_bwd(*args), dtype,
+              f"afw {asked} {opts}")
 
 
 @pytest.mark.parametrize("op", ["compose", "affine_flow_warp"])
@@ -366,6 +372,43 @@ def test_empty_inputs_are_errors(request, ops, shape):
     for call in calls:
         with pytest.raises(RuntimeError, match="empty"):
             call()
+
+
+# ---- random sweep ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_sweep(cuda_emulated, seed):
+    """Every op on random sizes (up to 9 x 17 x 40, so past the lncc tile's 8 x 32 and the
+    samplers' blocks), batch, channels, dtype, layout and options, emulated CUDA against the CPU
+    backend (which tests/test_random_sweep.py checks against F.grid_sample and the reference).
+    Under the AddressSanitizer run below, random tails and halos also meet the redzones."""
+    rng = random.Random(seed)
+    B, C = rng.randint(1, 3), rng.randint(1, 3)
+    size = (rng.randint(1, 9), rng.randint(1, 17), rng.randint(1, 40))
+    dtype = rng.choice(DTYPES)
+    cl = rng.random() < 0.5
+    image, flow = inputs((B, C, *size), (B, 3, *size), dtype=dtype, channels_last=cl,
+                         scale=rng.choice([0.5, 2.0]), seed=seed)
+    theta = near_identity(B, rng.choice([0.05, 0.3]), seed=seed).to(dtype)
+    mode, padding, align_corners = rng.randrange(2), rng.randrange(2), rng.random() < 0.5
+    deterministic = rng.random() < 0.5
+    check_sampler(cuda_emulated, "warp", image, flow, (mode, padding), dtype, deterministic)
+    grid = inputs((B, *(rng.randint(1, 9) for _ in range(3)), 3), dtype=dtype, scale=0.8,
+                  seed=seed)[0]
+    check_sampler(cuda_emulated, "grid_sample", image, grid, (mode, padding, align_corners),
+                  dtype, deterministic)
+    check_sampler(cuda_emulated, "affine_warp", image, theta, (padding, align_corners), dtype,
+                  deterministic)
+    check_compose(cuda_emulated, image, theta, flow, (align_corners, padding, deterministic),
+                  dtype)
+    a, b = volumes((B, C, *size), dtype=dtype, seed=seed)
+    window, preset = rng.choice([1, 3, 5, 9, 15]), rng.choice(PRESETS)
+    for reduction in REDUCTIONS_CODE:
+        need = rng.choice(ASKED)
+        check(lncc_grads(cuda_emulated, a, b, window, preset, reduction, need),
+              lncc_grads(CPU, a, b, window, preset, reduction, need), dtype,
+              f"lncc {window} {preset} {reduction} {need}")
 
 
 # ---- out-of-bounds accesses ------------------------------------------------------------------
