@@ -333,6 +333,13 @@ def test_errors(backend):
         lncc(a, b[..., :-1], backend=backend)
     with pytest.raises(TypeError, match="dtype"):
         lncc(a, b.double(), backend=backend)
+    for bad in (0.0, -1e-5, math.nan, math.inf, "x"):
+        with pytest.raises(ValueError, match=f"`eps` must be a finite number > 0, got "
+                           f"{re.escape(repr(bad))}"):
+            lncc(a, b, eps=bad, backend=backend)
+    for bad in (-1.0, math.nan):
+        with pytest.raises(ValueError, match="`smooth_nr` must be a finite number >= 0"):
+            lncc(a, b, smooth_nr=bad, preset="monai", backend=backend)
     with pytest.raises(ValueError, match="is on meta"):
         lncc(a, b.to("meta"), backend=backend)
     with pytest.raises(TypeError, match="floating"):
@@ -410,6 +417,12 @@ def test_monai_module_rejects_other_kernels():
         with pytest.raises(ValueError, match=f"`kernel_size` must be an odd positive int, got "
                            f"{re.escape(repr(bad))}"):
             LocalNormalizedCrossCorrelationLoss(kernel_size=bad)
+    with pytest.raises(ValueError, match="`smooth_dr` must be a finite number > 0, got 0.0"):
+        LocalNormalizedCrossCorrelationLoss(smooth_dr=0.0)
+    with pytest.raises(ValueError, match="`smooth_nr` must be a finite number >= 0, got -1"):
+        LocalNormalizedCrossCorrelationLoss(smooth_nr=-1)
+    with pytest.raises(ValueError, match="`eps` must be a finite number > 0, got 0"):
+        NCC(9, eps=0)
 
 
 def voxelmorph_ncc(y_true, y_pred, win=9):

@@ -13,6 +13,7 @@ Drop-in modules: :class:`NCC` (VoxelMorph's ``NCC(win).loss(y_true, y_pred)``) a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +29,23 @@ CUDA_MAX_WINDOW = 15  # the CUDA kernels keep a window-deep ring of planes in re
 REDUCTIONS_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 
-def _check(a: torch.Tensor, b: torch.Tensor, window: int, reduction: str, preset: str) -> None:
+def _constant(name: str, value: float, positive: bool) -> float:
+    """``value`` as a float if finite and > 0 (``positive``) or >= 0, else a ValueError naming
+    ``name``: a zero ``eps`` makes every flat window (any background) 0 / 0 = NaN."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{OP}: `{name}` must be a finite number {'>' if positive else '>='} 0, "
+                         f"got {value!r}")
+    return v
+
+
+def _check(a: torch.Tensor, b: torch.Tensor, window: int, reduction: str, preset: str,
+           eps: float, smooth_nr: float) -> None:
+    _constant("eps", eps, positive=True)
+    _constant("smooth_nr", smooth_nr, positive=False)
     _backend.check_volume(OP, "a", a)
     _backend.check_volume(OP, "b", b)
     if a.shape != b.shape:
@@ -64,11 +81,12 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
         The loss scalar, or the ``cc`` map for ``reduction="none"``.
 
     Raises:
-        ValueError: wrong rank, empty input, shape or device mismatch, even window, bad option.
+        ValueError: wrong rank, empty input, shape or device mismatch, even window, bad option,
+            ``eps`` not > 0 or ``smooth_nr`` not >= 0 (or either not finite).
         TypeError: non-floating dtypes, or mismatched ones outside ``torch.autocast``.
         RuntimeError: the requested backend cannot run here (the message says why).
     """
-    _check(a, b, window, reduction, preset)
+    _check(a, b, window, reduction, preset, eps, smooth_nr)
     be = _backend.resolve(OP, backend, [a, b])
     if be == "cuda" and window > CUDA_MAX_WINDOW:
         if backend == "cuda":
@@ -202,7 +220,7 @@ class NCC:
     def __init__(self, win: int | Sequence[int] | None = None, eps: float = 1e-5,
                  backend: str = "auto") -> None:
         self.win = _window_side("win", win)
-        self.eps = eps
+        self.eps = _constant("eps", eps, positive=True)
         self.backend = backend
 
     def loss(self, y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
@@ -223,7 +241,9 @@ class LocalNormalizedCrossCorrelationLoss(torch.nn.Module):
         backend: as :func:`lncc`.
 
     Raises:
-        ValueError: unsupported ``spatial_dims``, ``kernel_type``, even kernel or bad reduction.
+        ValueError: unsupported ``spatial_dims``, ``kernel_type``, even kernel, bad reduction,
+            ``smooth_dr`` not > 0 or ``smooth_nr`` not >= 0 (MONAI takes them and returns NaN
+            on every flat window).
     """
 
     def __init__(self, spatial_dims: int = 3, kernel_size: int = 3,
@@ -238,8 +258,8 @@ class LocalNormalizedCrossCorrelationLoss(torch.nn.Module):
         self.kernel_size = _window_side("kernel_size", kernel_size)
         _backend.check_choice(OP, "reduction", str(reduction), REDUCTIONS)
         self.reduction = str(reduction)
-        self.smooth_nr = float(smooth_nr)
-        self.smooth_dr = float(smooth_dr)
+        self.smooth_nr = _constant("smooth_nr", smooth_nr, positive=False)
+        self.smooth_dr = _constant("smooth_dr", smooth_dr, positive=True)
         self.backend = backend
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
