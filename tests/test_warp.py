@@ -343,30 +343,44 @@ def test_torch_compile_no_graph_break():
 
 
 def _voxelmorph_transform(src, flow, mode="bilinear"):
-    """VoxelMorph's SpatialTransformer.forward, verbatim in substance."""
+    """VoxelMorph's SpatialTransformer.forward (2-D or 3-D), verbatim in substance."""
     size = flow.shape[2:]
-    grid = reference.identity_grid(size, flow)
-    new_locs = grid + flow
-    for i in range(3):
+    grids = torch.meshgrid(*(torch.arange(s, dtype=flow.dtype, device=flow.device)
+                             for s in size), indexing="ij")
+    new_locs = torch.stack(grids).unsqueeze(0) + flow
+    for i in range(len(size)):
         new_locs[:, i] = 2 * (new_locs[:, i] / (size[i] - 1) - 0.5)
-    new_locs = new_locs.permute(0, 2, 3, 4, 1)[..., [2, 1, 0]]
+    new_locs = new_locs.movedim(1, -1).flip(-1)
     return F.grid_sample(src, new_locs, align_corners=True, mode=mode)
 
 
+def _planar(shape, device):
+    """A 2-D image and flow: (B, C, H, W) and (B, 2, H, W) from the 3-D test shapes."""
+    B, C, _, H, W = shape
+    return torch.randn(B, C, H, W, device=device), 2 * torch.randn(B, 2, H, W, device=device)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
-def test_voxelmorph_spatial_transformer(device, backend):
+@pytest.mark.parametrize("dims", [3, 2])
+def test_voxelmorph_spatial_transformer(device, backend, dims):
     torch.manual_seed(10)
-    src = torch.randn(SHAPE, device=device)
-    flow = _flow(SHAPE, device, identity_slab=False)
+    if dims == 3:
+        src, flow = torch.randn(SHAPE, device=device), _flow(SHAPE, device, identity_slab=False)
+    else:
+        src, flow = _planar(SHAPE, device)
     args = [t.clone().requires_grad_() for t in (src, flow)]
-    out = SpatialTransformer(SHAPE[2:], backend=backend)(*args)
+    out = SpatialTransformer(src.shape[2:], backend=backend)(*args)
     ref_args = [t.clone().requires_grad_() for t in (src, flow)]
     ref = _voxelmorph_transform(*ref_args)
     assert_matches(out, ref, device, torch.float32)
     for g, r in zip(upstream_grads(out, args), upstream_grads(ref, ref_args), strict=True):
         assert_matches(g, r, device, torch.float32)
     with pytest.raises(ValueError, match="size"):
-        SpatialTransformer((5, 5, 5))(src, flow)
+        SpatialTransformer((5,) * dims)(src, flow)
+    if dims == 2:
+        for bad in (src[:, :, 1:], src.unsqueeze(2)):
+            with pytest.raises(ValueError, match=r"2-D input is \(B, C, H, W\) warped by"):
+                SpatialTransformer(src.shape[2:])(bad, flow)
 
 
 def test_voxelmorph_checkpoints_load():
@@ -391,21 +405,30 @@ def test_voxelmorph_checkpoints_load():
         Model((5, 5, 5)).load_state_dict(vxm)
     with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"extra\""):
         model.load_state_dict({**vxm, "extra": torch.zeros(1)})
+    planar = SpatialTransformer((4, 5))  # a 2-D transformer's grid is (1, 2, H, W)
+    planar.load_state_dict({"grid": torch.zeros(1, 2, 4, 5)})
+    with pytest.raises(RuntimeError, match="size mismatch for grid"):
+        planar.load_state_dict({"grid": torch.zeros(1, 3, 4, 5)})
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
 @pytest.mark.parametrize("jitter", [False, True], ids=["", "jitter"])
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_monai_warp(device, backend, padding, jitter):
+@pytest.mark.parametrize("dims", [3, 2])
+def test_monai_warp(device, backend, padding, jitter, dims):
     monai_blocks = pytest.importorskip("monai.networks.blocks")
-    torch.manual_seed(11)
-    image = torch.randn(SHAPE, device=device)
-    ddf = _flow(SHAPE, device, identity_slab=False)
+
+    def draw():
+        torch.manual_seed(11)
+        if dims == 2:
+            return _planar(SHAPE, device)
+        return torch.randn(SHAPE, device=device), _flow(SHAPE, device, identity_slab=False)
+
+    image, ddf = draw()
     args = [t.clone().requires_grad_() for t in (image, ddf)]
     out = Warp("bilinear", padding, jitter, backend=backend)(*args)
     after = torch.rand(1)  # the global RNG went on as if no offsets had been drawn
-    torch.manual_seed(11)
-    torch.randn(SHAPE, device=device), _flow(SHAPE, device, identity_slab=False)
+    draw()
     assert torch.equal(torch.rand(1), after)
     ref_args = [t.clone().requires_grad_() for t in (image, ddf)]
     ref = monai_blocks.Warp("bilinear", padding, jitter)(*ref_args)

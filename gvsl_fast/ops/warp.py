@@ -190,14 +190,31 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     return _sampler.op_namespace(be).grid_sample_forward(input, grid, *options, det)
 
 
+def _warp_2d_or_3d(module: str, image: Tensor, flow: Tensor, mode: str, padding_mode: str,
+                   backend: str) -> Tensor:
+    """:func:`warp` for volumes, and for 2-D images ``(B, C, H, W)`` by ``(B, 2, H, W)`` as one
+    slice of depth 1 that nothing moves along: its position there is exactly 0, where the
+    trilinear weights are bilinear ones (the depth gradient is computed and dropped)."""
+    if image.dim() != 4 and flow.dim() != 4:
+        return warp(image, flow, mode, padding_mode, backend=backend)
+    if (image.dim() != 4 or flow.dim() != 4 or flow.shape[1] != 2
+            or image.shape[0] != flow.shape[0] or image.shape[2:] != flow.shape[2:]):
+        raise ValueError(f"{module}: 2-D input is (B, C, H, W) warped by (B, 2, H, W), got "
+                         f"{tuple(image.shape)} and {tuple(flow.shape)}")
+    still = flow.new_zeros(flow.shape[0], 1, *flow.shape[2:])
+    flow = torch.cat([still, flow], dim=1).unsqueeze(2)
+    return warp(image.unsqueeze(2), flow, mode, padding_mode, backend=backend).squeeze(2)
+
+
 class SpatialTransformer(nn.Module):
     """Drop-in for VoxelMorph's ``SpatialTransformer(size, mode)``: ``forward(src, flow)`` warps
-    ``src`` by ``flow`` (voxels, zeros padding), with no sampling grid in memory.
+    ``src`` by ``flow`` (voxels, zeros padding), with no sampling grid in memory; 3-D, or 2-D
+    (``size`` of two, ``flow`` of two channels) as VoxelMorph also takes.
 
     VoxelMorph keeps its identity grid as a buffer, so its checkpoints hold a ``grid`` entry
-    (``(1, 3, *size)``) for each transformer. Loading one here takes that entry as read (after
-    the same size check a buffer would get) instead of failing ``strict`` loading; this module
-    writes no grid."""
+    (``(1, len(size), *size)``) for each transformer. Loading one here takes that entry as read
+    (after the same size check a buffer would get) instead of failing ``strict`` loading; this
+    module writes no grid."""
 
     def __init__(self, size: Sequence[int], mode: str = "bilinear",
                  backend: str = "auto") -> None:
@@ -208,12 +225,12 @@ class SpatialTransformer(nn.Module):
         self.register_load_state_dict_pre_hook(_take_voxelmorph_grid)
 
     def forward(self, src: Tensor, flow: Tensor) -> Tensor:
-        """``src`` (B, C, *size) warped by ``flow`` (B, 3, *size), zeros outside."""
+        """``src`` (B, C, *size) warped by ``flow`` (B, len(size), *size), zeros outside."""
         if tuple(flow.shape[2:]) != self.size:
             raise ValueError(
                 f"SpatialTransformer: flow size {tuple(flow.shape[2:])} != size {self.size}"
             )
-        return warp(src, flow, self.mode, "zeros", backend=self.backend)
+        return _warp_2d_or_3d("SpatialTransformer", src, flow, self.mode, "zeros", self.backend)
 
 
 def _take_voxelmorph_grid(module: SpatialTransformer, state_dict, prefix, local_metadata, strict,
@@ -221,7 +238,7 @@ def _take_voxelmorph_grid(module: SpatialTransformer, state_dict, prefix, local_
     """Load-state-dict pre-hook: removes a VoxelMorph ``grid`` entry, reporting a size mismatch
     in PyTorch's words."""
     grid = state_dict.pop(prefix + "grid", None)
-    expected = (1, 3, *module.size)
+    expected = (1, len(module.size), *module.size)
     if grid is not None and tuple(grid.shape) != expected:
         error_msgs.append(f"size mismatch for {prefix}grid: copying a param with shape "
                           f"{tuple(grid.shape)} from checkpoint, the shape in current model is "
@@ -229,8 +246,9 @@ def _take_voxelmorph_grid(module: SpatialTransformer, state_dict, prefix, local_
 
 
 class Warp(nn.Module):
-    """Drop-in for MONAI's ``Warp(mode, padding_mode, jitter)`` (3-D): ``forward(image, ddf)``
-    warps by a dense displacement field in voxels; padding defaults to ``"border"`` as in MONAI.
+    """Drop-in for MONAI's ``Warp(mode, padding_mode, jitter)`` (3-D, or 2-D as MONAI also
+    takes): ``forward(image, ddf)`` warps by a dense displacement field in voxels; padding
+    defaults to ``"border"`` as in MONAI.
     ``jitter=True`` moves the reference grid off the integers as MONAI does: by ``U[0, 1)``
     offsets drawn with seed 0 (the same draw as MONAI's, the global RNG left untouched)."""
 
@@ -243,9 +261,10 @@ class Warp(nn.Module):
         self.backend = backend
 
     def forward(self, image: Tensor, ddf: Tensor) -> Tensor:
-        """``image`` (B, C, D, H, W) warped by ``ddf`` (B, 3, D, H, W) in voxels."""
+        """``image`` (B, C, D, H, W) warped by ``ddf`` (B, 3, D, H, W) in voxels; or (B, C, H, W)
+        by (B, 2, H, W)."""
         if self.jitter:
             with torch.random.fork_rng(devices=[ddf.device] if ddf.is_cuda else []):
                 torch.random.manual_seed(0)
                 ddf = ddf + torch.rand_like(ddf)
-        return warp(image, ddf, self.mode, self.padding_mode, backend=self.backend)
+        return _warp_2d_or_3d("Warp", image, ddf, self.mode, self.padding_mode, self.backend)
