@@ -126,14 +126,18 @@ def op_inputs(name: str, device, dtype, image_grad: bool, seed: int = 0) -> list
     return out
 
 
-def op_call(name: str, backend: str):
-    """Op `name` on `backend`, taking op_inputs's tensors positionally."""
+def op_call(name: str, backend: str, padding: str | None = None):
+    """Op `name` on `backend`, taking op_inputs's tensors positionally; the sampling ops with
+    `padding` (by default zeros, compose border)."""
+    pad = padding or ("border" if name == "compose" else "zeros")
     call = {
-        "warp": lambda x, f: ops.warp(x, f, backend=backend),
-        "grid_sample": lambda x, g: ops.grid_sample(x, g, align_corners=True, backend=backend),
-        "affine_warp": lambda x, t: ops.affine_warp(x, t, backend=backend),
-        "compose": lambda t, f: ops.compose(t, f, padding_mode="border", backend=backend),
-        "affine_flow_warp": lambda x, t, f: ops.affine_flow_warp(x, t, f, backend=backend),
+        "warp": lambda x, f: ops.warp(x, f, padding_mode=pad, backend=backend),
+        "grid_sample": lambda x, g: ops.grid_sample(x, g, padding_mode=pad, align_corners=True,
+                                                    backend=backend),
+        "affine_warp": lambda x, t: ops.affine_warp(x, t, padding_mode=pad, backend=backend),
+        "compose": lambda t, f: ops.compose(t, f, padding_mode=pad, backend=backend),
+        "affine_flow_warp": lambda x, t, f: ops.affine_flow_warp(x, t, f, padding_mode=pad,
+                                                                 backend=backend),
         "lncc": lambda a, b: ops.lncc(a, b, window=3, backend=backend),
     }
     return call[name]

@@ -33,14 +33,17 @@ PADDINGS = {"zeros": 0, "border": 1}
 
 
 def check(got, want, dtype: torch.dtype, what: str = "") -> None:
-    """Same shape, dtype and values (DESIGN §6's CUDA tolerance) for one tensor or a sequence;
-    empty tensors (gradients not asked for) must stay empty."""
+    """Same shape, dtype and values (DESIGN §6's CUDA tolerance) for one tensor or a sequence,
+    inf and NaN in the same places; empty tensors (gradients not asked for) must stay empty."""
     if isinstance(got, torch.Tensor):
         got, want = [got], [want]
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.shape == w.shape and g.dtype == w.dtype, (what, i, g.shape, w.shape)
         if w.numel():
-            err = rel_err(g, w)
+            fin = torch.isfinite(w)  # non-finite results: the same ones, in the same places
+            assert torch.equal(torch.isfinite(g), fin), f"{what} output {i}: non-finite elsewhere"
+            assert torch.equal(g[~fin].nan_to_num(), w[~fin].nan_to_num()), f"{what} output {i}"
+            err = rel_err(g.where(fin, 0), w.where(fin, 0))
             assert err <= tolerance("cuda", dtype), f"{what} output {i}: rel err {err:.3g}"
 
 
@@ -409,6 +412,29 @@ def test_random_sweep(cuda_emulated, seed):
         check(lncc_grads(cuda_emulated, a, b, window, preset, reduction, need),
               lncc_grads(CPU, a, b, window, preset, reduction, need), dtype,
               f"lncc {window} {preset} {reduction} {need}")
+
+
+@pytest.mark.parametrize("value", [3e9, -1e30, float("inf"), float("nan")])
+def test_extreme_positions(cuda_emulated, value):
+    """Positions past the int32 range and non-finite ones (tests/test_extreme_positions.py),
+    every sampling kernel against the CPU ops; under AddressSanitizer too, where a conversion
+    gone wrong would read or scatter outside the tensors."""
+    image, flow = inputs((2, 2, 4, 5, 6), (2, 3, 4, 5, 6), scale=2.0)
+    grid = inputs((2, 3, 4, 2, 3), scale=0.7)[0]
+    flow.view(-1)[1::17] = value
+    grid.view(-1)[1::7] = value
+    theta = near_identity(2)
+    theta[:, 0, 3] = value
+    for deterministic in (False, True):
+        for padding in PADDINGS.values():
+            check_sampler(cuda_emulated, "warp", image, flow, (0, padding), torch.float32,
+                          deterministic)
+            check_sampler(cuda_emulated, "grid_sample", image, grid, (0, padding, False),
+                          torch.float32, deterministic)
+            check_sampler(cuda_emulated, "affine_warp", image, theta, (padding, False),
+                          torch.float32, deterministic)
+            check_compose(cuda_emulated, image, theta, flow, (False, padding, deterministic),
+                          torch.float32)
 
 
 # ---- out-of-bounds accesses ------------------------------------------------------------------

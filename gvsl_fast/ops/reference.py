@@ -49,7 +49,9 @@ def _gather(flat: torch.Tensor, idx, size) -> torch.Tensor:
     lin = (clamped[0] * size[1] + clamped[1]) * size[2] + clamped[2]
     out_shape = lin.shape[1:]
     vals = flat.gather(2, lin.reshape(B, 1, -1).expand(B, C, -1)).reshape(B, C, *out_shape)
-    return vals * valid.unsqueeze(1).to(vals.dtype)
+    # a select, not a product with the mask: 0 * inf would make a corner outside NaN, where
+    # F.grid_sample reads nothing
+    return torch.where(valid.unsqueeze(1), vals, vals.new_zeros(()))
 
 
 def sample(image: torch.Tensor, pos: torch.Tensor, mode: str = "bilinear",
