@@ -7,9 +7,10 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from gvsl_fast import ops
-from gvsl_fast.ops import _backend
+from gvsl_fast.ops import _backend, reference
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -142,3 +143,24 @@ def op_call(name: str, backend: str, padding: str | None = None):
     }
     return call[name]
 
+
+def affine_grid_composition(theta, flow, align_corners, padding, image=None):
+    """psi and, given an image, the image warped by it, built only from F.affine_grid and
+    F.grid_sample (an oracle outside gvsl_fast for compose and affine_flow_warp): flow is sampled
+    at the affine grid, positions converted between normalized and index units explicitly."""
+    size = flow.shape[2:]
+    grid = F.affine_grid(theta, list(flow.shape), align_corners=align_corners)  # (x, y, z)
+    sizes = torch.tensor(size[::-1], dtype=flow.dtype)  # W, H, D
+    if align_corners:
+        to_index = lambda x: (x + 1) / 2 * (sizes - 1)
+        to_norm = lambda i: 2 * i / (sizes - 1) - 1
+    else:
+        to_index = lambda x: ((x + 1) * sizes - 1) / 2
+        to_norm = lambda i: (2 * i + 1) / sizes - 1
+    sampled = F.grid_sample(flow, grid, "bilinear", padding, align_corners)  # (B, 3, D, H, W)
+    p_hat = to_index(grid).flip(-1).permute(0, 4, 1, 2, 3)  # (B, 3, D, H, W) in (d, h, w)
+    psi = sampled + p_hat - reference.identity_grid(size, flow)
+    if image is None:
+        return psi, None
+    q = (sampled + p_hat).permute(0, 2, 3, 4, 1).flip(-1)  # (B, D, H, W, 3) in (w, h, d)
+    return psi, F.grid_sample(image, to_norm(q), "bilinear", padding, align_corners)

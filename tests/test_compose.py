@@ -8,9 +8,9 @@ import inspect
 
 import pytest
 import torch
-import torch.nn.functional as F
 from common import (
     HALF,
+    affine_grid_composition,
     backend_ids,
     fast_backends,
     rel_err,
@@ -97,31 +97,11 @@ def test_only_requested_gradients(device, backend):
     assert rel_err(dtheta, ref) <= tolerance(device, torch.float32)
 
 
-def _affine_grid_reference(image, theta, flow, align_corners, padding):
-    """psi and the warped image built only from F.affine_grid and F.grid_sample: flow is sampled
-    at the affine grid, positions converted between normalized and index units explicitly."""
-    size = flow.shape[2:]
-    grid = F.affine_grid(theta, list(flow.shape), align_corners=align_corners)  # (x, y, z)
-    sizes = torch.tensor(size[::-1], dtype=flow.dtype)  # W, H, D
-    if align_corners:
-        to_index = lambda x: (x + 1) / 2 * (sizes - 1)
-        to_norm = lambda i: 2 * i / (sizes - 1) - 1
-    else:
-        to_index = lambda x: ((x + 1) * sizes - 1) / 2
-        to_norm = lambda i: (2 * i + 1) / sizes - 1
-    sampled = F.grid_sample(flow, grid, "bilinear", padding, align_corners)  # (B, 3, D, H, W)
-    p_hat = to_index(grid).flip(-1).permute(0, 4, 1, 2, 3)  # (B, 3, D, H, W) in (d, h, w)
-    psi = sampled + p_hat - R.identity_grid(size, flow)
-    q = (sampled + p_hat).permute(0, 2, 3, 4, 1).flip(-1)  # (B, D, H, W, 3) in (w, h, d)
-    warped = F.grid_sample(image, to_norm(q), "bilinear", padding, align_corners)
-    return psi, warped
-
-
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 def test_matches_affine_grid_construction(padding, align_corners):
     theta, flow, image = make_inputs("cpu", torch.float64, flow_scale=1.5)
-    psi_ref, warped_ref = _affine_grid_reference(image, theta, flow, align_corners, padding)
+    psi_ref, warped_ref = affine_grid_composition(theta, flow, align_corners, padding, image)
     psi = compose(theta, flow, align_corners, padding, backend="cpu")
     warped = affine_flow_warp(image, theta, flow, align_corners, padding, backend="cpu")
     assert rel_err(psi, psi_ref) <= 1e-12

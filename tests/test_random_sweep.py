@@ -12,13 +12,12 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from common import fast_backends, rel_err, tolerance
+from common import OPS, affine_grid_composition, fast_backends, rel_err, tolerance
 
 from gvsl_fast import ops
 from gvsl_fast.ops import reference
 
 BACKENDS = [(d, b) for d, b in fast_backends() if d == "cpu"]  # the GPU has its own suite
-OPS = ("grid_sample", "warp", "affine_warp", "compose", "affine_flow_warp", "lncc")
 SEEDS = {"cpu": 24, "triton": 6}  # cases per op: the Triton interpreter is ~50x slower
 
 
@@ -44,19 +43,7 @@ def voxel_grid(q: torch.Tensor) -> torch.Tensor:
     return ((2 * q + 1) / size - 1).permute(0, 2, 3, 4, 1).flip(-1)
 
 
-def oracle_compose(theta, flow, align_corners, padding):
-    """psi = flow(p_hat) + p_hat - p, p_hat from ``F.affine_grid`` unnormalized as
-    ``F.grid_sample`` does."""
-    size = flow.shape[2:]
-    grid = F.affine_grid(theta, [flow.shape[0], 3, *size], align_corners=align_corners)
-    n = torch.tensor(size[::-1], dtype=grid.dtype)
-    p_hat = (grid + 1) / 2 * (n - 1) if align_corners else ((grid + 1) * n - 1) / 2
-    p_hat = p_hat.flip(-1).permute(0, 4, 1, 2, 3)
-    flow_at = F.grid_sample(flow, grid, "bilinear", padding, align_corners)
-    return flow_at + p_hat - reference.identity_grid(size, flow)
-
-
-def case(op: str, seed: int, gpu_free_dtypes: bool):
+def case(op: str, seed: int, float64: bool):
     """(fn(backend, *inputs), oracle(*float64 inputs), float64 inputs, which require grad, dtype)
     of one random case of `op`."""
     rng = random.Random(f"{op}-{seed}")
@@ -69,7 +56,7 @@ def case(op: str, seed: int, gpu_free_dtypes: bool):
     size = [rng.randint(1 if op in ("grid_sample", "warp") else 2, 9) for _ in range(3)]
     pad = rng.choice(["zeros", "border"])
     ac = rng.random() < 0.5
-    dtype = rng.choice([torch.float32, torch.float64]) if gpu_free_dtypes else torch.float32
+    dtype = rng.choice([torch.float32, torch.float64]) if float64 else torch.float32
     image = randn(B, C, *size)
     theta = torch.eye(3, 4, dtype=torch.float64) + randn(B, 3, 4, scale=rng.choice([0.05, 0.3]))
     flow = randn(B, 3, *size, scale=rng.choice([0.5, 2.0]))
@@ -93,14 +80,12 @@ def case(op: str, seed: int, gpu_free_dtypes: bool):
                 [image, theta], need[:2], dtype)
     if op == "compose":
         return (lambda be, t, f: ops.compose(t, f, ac, pad, backend=be),
-                lambda t, f: oracle_compose(t, f, ac, pad),
+                lambda t, f: affine_grid_composition(t, f, ac, pad)[0],
                 [theta, flow], need[:2], dtype)
     if op == "affine_flow_warp":
-        def oracle(x, t, f):
-            q = oracle_compose(t, f, ac, pad) + reference.identity_grid(size, f)
-            return F.grid_sample(x, voxel_grid(q), "bilinear", pad, False)
         return (lambda be, x, t, f: ops.affine_flow_warp(x, t, f, ac, pad, backend=be),
-                oracle, [image, theta, flow], need, dtype)
+                lambda x, t, f: affine_grid_composition(t, f, ac, pad, x)[1],
+                [image, theta, flow], need, dtype)
     window = rng.choice([1, 3, 5, 7, 9, 11])
     preset = rng.choice(["gvsl", "voxelmorph", "monai"])
     reduction = rng.choice(["mean", "sum", "none"])

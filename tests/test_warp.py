@@ -354,9 +354,12 @@ def _voxelmorph_transform(src, flow, mode="bilinear"):
     return F.grid_sample(src, new_locs, align_corners=True, mode=mode)
 
 
-def _planar(shape, device):
-    """A 2-D image and flow: (B, C, H, W) and (B, 2, H, W) from the 3-D test shapes."""
-    B, C, _, H, W = shape
+def _module_inputs(dims: int, device):
+    """An image and a displacement for the drop-in modules: SHAPE and _flow in 3-D, or in 2-D
+    (B, C, H, W) and (B, 2, H, W) of SHAPE's sizes."""
+    if dims == 3:
+        return torch.randn(SHAPE, device=device), _flow(SHAPE, device, identity_slab=False)
+    B, C, _, H, W = SHAPE
     return torch.randn(B, C, H, W, device=device), 2 * torch.randn(B, 2, H, W, device=device)
 
 
@@ -364,10 +367,7 @@ def _planar(shape, device):
 @pytest.mark.parametrize("dims", [3, 2])
 def test_voxelmorph_spatial_transformer(device, backend, dims):
     torch.manual_seed(10)
-    if dims == 3:
-        src, flow = torch.randn(SHAPE, device=device), _flow(SHAPE, device, identity_slab=False)
-    else:
-        src, flow = _planar(SHAPE, device)
+    src, flow = _module_inputs(dims, device)
     args = [t.clone().requires_grad_() for t in (src, flow)]
     out = SpatialTransformer(src.shape[2:], backend=backend)(*args)
     ref_args = [t.clone().requires_grad_() for t in (src, flow)]
@@ -417,18 +417,13 @@ def test_voxelmorph_checkpoints_load():
 @pytest.mark.parametrize("dims", [3, 2])
 def test_monai_warp(device, backend, padding, jitter, dims):
     monai_blocks = pytest.importorskip("monai.networks.blocks")
-
-    def draw():
-        torch.manual_seed(11)
-        if dims == 2:
-            return _planar(SHAPE, device)
-        return torch.randn(SHAPE, device=device), _flow(SHAPE, device, identity_slab=False)
-
-    image, ddf = draw()
+    torch.manual_seed(11)
+    image, ddf = _module_inputs(dims, device)
     args = [t.clone().requires_grad_() for t in (image, ddf)]
     out = Warp("bilinear", padding, jitter, backend=backend)(*args)
     after = torch.rand(1)  # the global RNG went on as if no offsets had been drawn
-    draw()
+    torch.manual_seed(11)
+    _module_inputs(dims, device)
     assert torch.equal(torch.rand(1), after)
     ref_args = [t.clone().requires_grad_() for t in (image, ddf)]
     ref = monai_blocks.Warp("bilinear", padding, jitter)(*ref_args)
