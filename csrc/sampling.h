@@ -64,9 +64,22 @@ template <typename T> GVSL_HD int nearest_index(T x, int size, int padding) {
 // ---- the 8-corner stencil of one sampling position ----------------------------------------
 // Element offsets into a (D, H, W) volume and their weights, computed once per position and
 // reused for every channel (values, position derivatives, scatters). Corner c = 4 i + 2 j + k is
-// (i0 + i, j0 + j, k0 + k). Corners outside the volume get weight 0 and offset 0 (a valid
-// address), so channel loops need no branches. Built with kGrad, dw[a][c] = d w[c] / d position_a
-// (already times the axis's border clamp factor dcoord); without it, dw is left unset.
+// (i0 + i, j0 + j, k0 + k). Corners outside the volume read as zero and are never scattered to,
+// so an inf or NaN inside the volume cannot leak into samples outside it, as with F.grid_sample.
+// They get weight 0 and offset kOutside, which corner_value does not load (a predicated load on
+// the GPU); or, with kSignedZero (the CPU row loops, cpu::RowStencils, whose loads stay
+// unconditional so that they vectorize), offset 0, a valid address, and weight -0, which no
+// corner inside has (its weights are products of values >= +0). Built with kGrad, dw[a][c] =
+// d w[c] / d position_a (already times the axis's border clamp factor dcoord); without it, dw is
+// left unset.
+constexpr int kOutside = -1;
+
+// Value of the corner at offset off of one channel (`img`: its (0, 0, 0) voxel); zero for
+// kOutside.
+template <typename T, typename I, typename S> GVSL_HD T corner_value(const S* img, I off) {
+  return off < 0 ? T(0) : static_cast<T>(img[off]);
+}
+
 template <typename T, typename I = int64_t> struct Stencil {
   I off[8];  // I: int32_t on the CPU where every offset fits (vectorizes), else int64_t
   T w[8];
@@ -74,9 +87,11 @@ template <typename T, typename I = int64_t> struct Stencil {
 };
 
 // Trilinear stencil of the three axes of a position, in element strides (sd, sh, sw).
-template <typename T, bool kGrad, typename I>
+template <typename T, bool kGrad, typename I, bool kSignedZero = false>
 GVSL_HD void make_stencil(const Axis<T>& ad, const Axis<T>& ah, const Axis<T>& aw, I sd,
                           I sh, I sw, Stencil<T, I>& s) {
+  const I out_off = kSignedZero ? I(0) : I(kOutside);
+  const T out_w = kSignedZero ? T(-0.0) : T(0);
   const T wd[2] = {T(1) - ad.f, ad.f}, wh[2] = {T(1) - ah.f, ah.f}, ww[2] = {T(1) - aw.f, aw.f};
   const T gd[2] = {-ad.dcoord, ad.dcoord}, gh[2] = {-ah.dcoord, ah.dcoord},
           gw[2] = {-aw.dcoord, aw.dcoord};
@@ -89,8 +104,8 @@ GVSL_HD void make_stencil(const Axis<T>& ad, const Axis<T>& ah, const Axis<T>& a
       for (int k = 0; k < 2; ++k) {
         const int c = i * 4 + j * 2 + k;
         const bool ok = vd[i] & vh[j] & vw[k];
-        s.off[c] = ok ? (ad.i0 + i) * sd + (ah.i0 + j) * sh + (aw.i0 + k) * sw : 0;
-        s.w[c] = ok ? wd[i] * wh[j] * ww[k] : T(0);
+        s.off[c] = ok ? (ad.i0 + i) * sd + (ah.i0 + j) * sh + (aw.i0 + k) * sw : out_off;
+        s.w[c] = ok ? wd[i] * wh[j] * ww[k] : out_w;
         if (kGrad) {
           s.dw[0][c] = ok ? gd[i] * wh[j] * ww[k] : T(0);
           s.dw[1][c] = ok ? wd[i] * gh[j] * ww[k] : T(0);
@@ -103,27 +118,29 @@ GVSL_HD void make_stencil(const Axis<T>& ad, const Axis<T>& ah, const Axis<T>& a
 
 // Stencil of index position x = (d, h, w) on a volume of `size` voxels, trilinear or nearest
 // (`mode`). Nearest puts its one corner in slot 0 and has zero derivatives.
-template <typename T, bool kGrad, typename I>
+template <typename T, bool kGrad, typename I, bool kSignedZero = false>
 GVSL_HD void make_stencil(const T* x, const int* size, I sd, I sh, I sw, int mode,
                           int padding, Stencil<T, I>& s) {
   if (mode == kNearest) {
+    const I out_off = kSignedZero ? I(0) : I(kOutside);
+    const T out_w = kSignedZero ? T(-0.0) : T(0);
     const int id = nearest_index(x[0], size[0], padding);
     const int ih = nearest_index(x[1], size[1], padding);
     const int iw = nearest_index(x[2], size[2], padding);
     const bool ok = (id >= 0) & (ih >= 0) & (iw >= 0);
     GVSL_UNROLL
     for (int k = 0; k < 8; ++k) {
-      s.off[k] = 0;
-      s.w[k] = T(0);
+      s.off[k] = out_off;
+      s.w[k] = out_w;
       if (kGrad) s.dw[0][k] = s.dw[1][k] = s.dw[2][k] = T(0);
     }
-    s.off[0] = ok ? id * sd + ih * sh + iw * sw : 0;
-    s.w[0] = ok ? T(1) : T(0);
+    s.off[0] = ok ? id * sd + ih * sh + iw * sw : out_off;
+    s.w[0] = ok ? T(1) : out_w;
     return;
   }
-  make_stencil<T, kGrad, I>(linear_axis(x[0], size[0], padding),
-                            linear_axis(x[1], size[1], padding),
-                            linear_axis(x[2], size[2], padding), sd, sh, sw, s);
+  make_stencil<T, kGrad, I, kSignedZero>(linear_axis(x[0], size[0], padding),
+                                         linear_axis(x[1], size[1], padding),
+                                         linear_axis(x[2], size[2], padding), sd, sh, sw, s);
 }
 
 // Interpolated value of one channel (`img` points at its (0, 0, 0) voxel).
@@ -131,7 +148,7 @@ template <typename T, typename I, typename S>
 GVSL_HD T stencil_value(const Stencil<T, I>& s, const S* img) {
   T out = T(0);
   GVSL_UNROLL
-  for (int k = 0; k < 8; ++k) out += s.w[k] * static_cast<T>(img[s.off[k]]);
+  for (int k = 0; k < 8; ++k) out += s.w[k] * corner_value<T>(img, s.off[k]);
   return out;
 }
 
@@ -141,7 +158,7 @@ GVSL_HD void stencil_pos_grad(const Stencil<T, I>& s, const S* img, T g, T* gpos
   T a = T(0), b = T(0), c = T(0);
   GVSL_UNROLL
   for (int k = 0; k < 8; ++k) {
-    const T v = static_cast<T>(img[s.off[k]]);
+    const T v = corner_value<T>(img, s.off[k]);
     a += s.dw[0][k] * v;
     b += s.dw[1][k] * v;
     c += s.dw[2][k] * v;
@@ -152,7 +169,7 @@ GVSL_HD void stencil_pos_grad(const Stencil<T, I>& s, const S* img, T g, T* gpos
 }
 
 // The adjoint of stencil_value: calls f(offset, weight) for each corner of nonzero weight
-// (skipping the zero-weight slots keeps GPU atomics off offset 0).
+// (kOutside corners have weight 0; skipping the others of weight 0 saves GPU atomics).
 template <typename T, typename I, typename F>
 GVSL_HD void stencil_scatter(const Stencil<T, I>& s, F&& f) {
   GVSL_UNROLL

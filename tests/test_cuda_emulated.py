@@ -11,6 +11,7 @@ CUDA build do not replace a GPU run either."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import subprocess
@@ -435,6 +436,44 @@ def test_extreme_positions(cuda_emulated, value):
                           torch.float32, deterministic)
             check_compose(cuda_emulated, image, theta, flow, (False, padding, deterministic),
                           torch.float32)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_nonfinite_first_voxel(cuda_emulated, value):
+    """inf or NaN at every channel's first voxel of the image and the flow, with positions partly
+    outside the volume: the kernels load nothing for corners outside (which read that voxel
+    before), so they agree with the CPU ops (tests/test_extreme_positions.py checks those
+    against the reference), inf and NaN by place. Forwards, and the backward reads (position
+    gradients alone, no scatter) with NaN, whose sums do not depend on their order as inf's do."""
+    image, flow = inputs((2, 2, 4, 5, 6), (2, 3, 4, 5, 6), scale=2.0)
+    grid = inputs((2, 3, 4, 2, 3), scale=0.9)[0]
+    image[:, :, 0, 0, 0] = value
+    flow[:, :, 0, 0, 0] = value
+    theta = near_identity(2, 0.3)
+    go = inputs(image.shape, seed=5)[0]
+    grads = math.isnan(value)
+    for padding in PADDINGS.values():
+        cases = [("warp", flow, (mode, padding)) for mode in (0, 1)]
+        cases += [("grid_sample", grid, (mode, padding, False)) for mode in (0, 1)]
+        cases += [("affine_warp", theta, (padding, False))]
+        for name, pos, options in cases:
+            out = getattr(cuda_emulated, f"{name}_forward")(image, pos, *options, False)
+            check(out, getattr(CPU, f"{name}_forward")(image, pos, *options, False),
+                  torch.float32, name)
+            if grads:
+                args = (go[..., : out.shape[2], : out.shape[3], : out.shape[4]], image, pos,
+                        *options, False, False, True)
+                check(getattr(cuda_emulated, f"{name}_backward")(*args),
+                      getattr(CPU, f"{name}_backward")(*args), torch.float32, name)
+        opts = (False, padding, False)
+        check(cuda_emulated.compose_fwd(theta, flow, *opts), CPU.compose_fwd(theta, flow, *opts),
+              torch.float32, "compose")
+        check(cuda_emulated.affine_flow_warp_fwd(image, theta, flow, *opts),
+              CPU.affine_flow_warp_fwd(image, theta, flow, *opts), torch.float32, "afw")
+        if grads:
+            args = (go, image, theta, flow, *opts, False, True, False)
+            check(cuda_emulated.affine_flow_warp_bwd(*args), CPU.affine_flow_warp_bwd(*args),
+                  torch.float32, "afw theta")
 
 
 # ---- out-of-bounds accesses ------------------------------------------------------------------

@@ -56,16 +56,18 @@ template <typename T, typename I, bool kGrad> struct ComposeBlock {
     const S* fl = a.flow + b * a.fs.b;
     for (int k = 0; k < 3; ++k) {
       const S* fk = fl + k * a.fs.c;
+      cpu::with_guard(cpu::nonfinite_origin(fk), [&](auto guard) {
 #pragma omp simd
-      for (int v = 0; v < n; ++v) {
-        T der[3];
-        q[k][v] = p_hat[k][v] + flow.template sample<kGrad>(fk, v, der);
-        if constexpr (kGrad) {
-          jac[k][0][v] = der[0];
-          jac[k][1][v] = der[1];
-          jac[k][2][v] = der[2];
+        for (int v = 0; v < n; ++v) {
+          T der[3];
+          q[k][v] = p_hat[k][v] + flow.template sample<kGrad, guard>(fk, v, der);
+          if constexpr (kGrad) {
+            jac[k][0][v] = der[0];
+            jac[k][1][v] = der[1];
+            jac[k][2][v] = der[2];
+          }
         }
-      }
+      });
     }
   }
 };
@@ -126,19 +128,21 @@ void forward_rows(const ComposeArgs<S>& a, S* out, const Strides5& os, acc_t<S>*
             const S* ic = ib + c * a.is.c;
             S* oc = ob + c * os.c + w0 * os.w;
             T* sc = kSave ? saved + saved_offset(a, b, c, d, h) + w0 : nullptr;
+            cpu::with_guard(cpu::nonfinite_origin(ic), [&](auto guard) {
 #pragma omp simd
-            for (int v = 0; v < n; ++v) {
-              T s[3];  // d out / d q
-              oc[v * os.w] = static_cast<S>(img.template sample<kSave>(ic, v, s));
-              if constexpr (kSave) {
-                GVSL_UNROLL
-                for (int i = 0; i < 3; ++i) {
-                  sc[i * vox + v] = s[i];
-                  sc[(3 + i) * vox + v] = s[i] + blk.jac[0][i][v] * s[0] +
-                                          blk.jac[1][i][v] * s[1] + blk.jac[2][i][v] * s[2];
+              for (int v = 0; v < n; ++v) {
+                T s[3];  // d out / d q
+                oc[v * os.w] = static_cast<S>(img.template sample<kSave, guard>(ic, v, s));
+                if constexpr (kSave) {
+                  GVSL_UNROLL
+                  for (int i = 0; i < 3; ++i) {
+                    sc[i * vox + v] = s[i];
+                    sc[(3 + i) * vox + v] = s[i] + blk.jac[0][i][v] * s[0] +
+                                            blk.jac[1][i][v] * s[1] + blk.jac[2][i][v] * s[2];
+                  }
                 }
               }
-            }
+            });
           }
         } else {
           const T p[3] = {T(d), T(h), T(0)};
@@ -204,15 +208,17 @@ void backward_rows(const ComposeArgs<S>& a, const S* grad, const Strides5& gs, C
           const S* ic = ib + c * a.is.c;
           const S* gc = gb + c * gs.c + w0 * gs.w;
           if (need.theta || need.flow) {
+            cpu::with_guard(cpu::nonfinite_origin(ic), [&](auto guard) {
 #pragma omp simd
-            for (int v = 0; v < n; ++v) {
-              T der[3];
-              img.template sample<true>(ic, v, der);
-              const T go = static_cast<T>(gc[v * gs.w]);
-              g[0][v] += go * der[0];
-              g[1][v] += go * der[1];
-              g[2][v] += go * der[2];
-            }
+              for (int v = 0; v < n; ++v) {
+                T der[3];
+                img.template sample<true, guard>(ic, v, der);
+                const T go = static_cast<T>(gc[v * gs.w]);
+                g[0][v] += go * der[0];
+                g[1][v] += go * der[1];
+                g[2][v] += go * der[2];
+              }
+            });
           }
           if (di) {  // scatter: scalar, corner-major (see d flow below)
             T* dc = di + b * a.is.b + c * a.is.c;

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -77,10 +78,33 @@ template <typename F> void with_offset_type(const Geometry& g, F&& f) {
   with_offset_type(last_offset(g.in_size, g.is[2], g.is[3], g.is[4]), f);
 }
 
+// Whether a channel's first voxel, which corners outside the volume read (RowStencils), is
+// inf or NaN; with `channels`, whether any of a channels-last voxel's channels is.
+template <typename S> inline bool nonfinite_origin(const S* c, int channels = 1) {
+  bool bad = false;
+  for (int i = 0; i < channels; ++i) bad |= !std::isfinite(static_cast<acc_t<S>>(c[i]));
+  return bad;
+}
+
+// Calls f(std::true_type{}) if guard, else f(std::false_type{}): RowStencils::sample's kGuard.
+template <typename F> void with_guard(bool guard, F&& f) {
+  if (guard) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 template <typename T, typename I, bool kGrad> struct RowStencils {
+  // A corner outside the volume has offset 0 and weight -0 (make_stencil's kSignedZero). sample
+  // loads it unconditionally, from the channel's first voxel, which keeps the loops over voxels
+  // branch-free and vectorized: times -0 it adds nothing when that voxel is finite. Where it is
+  // not (nonfinite_origin), sample<.., true> zeroes those corners instead, so that nothing
+  // outside is read, as with F.grid_sample. Scatters add their w * g = -0 * g to the first voxel:
+  // exact for a finite g (for a non-finite one the gradient is non-finite anyway, at g's own
+  // corners).
   I off[8][kBlock];
   T w[8][kBlock];
   T dw[kGrad ? 3 : 1][8][kBlock];
+
+  bool in(int k, int v) const { return !std::signbit(w[k][v]); }
 
   // Stencils of n index-space positions x[axis][v] in a volume of `size` voxels with element
   // strides `st` (d, h, w). Mode and padding are template arguments: no option branches per voxel.
@@ -94,7 +118,7 @@ template <typename T, typename I, bool kGrad> struct RowStencils {
     for (int v = 0; v < n; ++v) {
       const T xv[3] = {x[0][v], x[1][v], x[2][v]};
       Stencil<T, I> s;
-      make_stencil<T, kGrad>(xv, size, sd, sh, sw, kMode, kPad, s);
+      make_stencil<T, kGrad, I, true>(xv, size, sd, sh, sw, kMode, kPad, s);
       for (int k = 0; k < 8; ++k) {
         off[k][v] = s.off[k];
         w[k][v] = s.w[k];
@@ -108,22 +132,27 @@ template <typename T, typename I, bool kGrad> struct RowStencils {
   }
 
   // Voxel v's eight corners as element pointers into `base` (a channels-last volume: channel c
-  // of corner k is p[k][c]) and their weights.
-  template <typename P> void corners(int v, P* base, P* (&p)[8], T (&wk)[8]) const {
+  // of corner k is p[k][c]) and their weights. Corners outside the volume point at base's first
+  // voxel, as in `sample`, or at `zeros` if given (where that voxel has a non-finite channel).
+  template <typename P>
+  void corners(int v, P* base, P* (&p)[8], T (&wk)[8], P* zeros = nullptr) const {
     for (int k = 0; k < 8; ++k) {
-      p[k] = base + off[k][v];
+      p[k] = zeros && !in(k, v) ? zeros : base + off[k][v];
       wk[k] = w[k][v];
     }
   }
 
-  // One channel's corner sums at voxel v (c: that channel of the sampled volume): returns the
-  // trilinear value sum_k w_k c_k and, with kDer, writes its derivative along each index axis,
-  // sum_k dw_ak c_k, to der. Always inlined, so it vectorizes in the callers' loops over v.
-  template <bool kDer, typename P> GVSL_HD T sample(const P* c, int v, T (&der)[3]) const {
+  // One channel's corner sums at voxel v (c: that channel of the sampled volume, kGuard:
+  // nonfinite_origin(c)): returns the trilinear value sum_k w_k c_k and, with kDer, writes its
+  // derivative along each index axis, sum_k dw_ak c_k, to der. Always inlined, so it vectorizes
+  // in the callers' loops over v.
+  template <bool kDer, bool kGuard, typename P>
+  GVSL_HD T sample(const P* c, int v, T (&der)[3]) const {
     T acc = T(0), x = T(0), y = T(0), z = T(0);
     GVSL_UNROLL
     for (int k = 0; k < 8; ++k) {
-      const T val = static_cast<T>(c[off[k][v]]);
+      T val = static_cast<T>(c[off[k][v]]);
+      if constexpr (kGuard) val = in(k, v) ? val : T(0);
       acc += w[k][v] * val;
       if constexpr (kDer) {
         x += dw[0][k][v] * val;
@@ -183,12 +212,14 @@ void forward_rows(const S* img, S* out, acc_t<S>* dpos, const Geometry& g, const
   using T = acc_t<S>;
   at::parallel_for(0, g.rows(), 1, [&](int64_t r0, int64_t r1) {
     RowStencils<T, I, kSave> st;
+    const std::vector<S> zeros(channel_vector(g) ? g.C : 0, S(0));  // corners outside
     const int64_t ow = g.os[4];
     for (int64_t r = r0; r < r1; ++r) {
       int b, d, h;
       g.split(r, b, d, h);
       const S* ib = img + b * g.is[0];
       S* ob = out + b * g.os[0] + d * g.os[2] + h * g.os[3];
+      const S* outside = channel_vector(g) && nonfinite_origin(ib, g.C) ? zeros.data() : nullptr;
       for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
         const int n = std::min(kBlock, g.out_size[2] - w0);
         st.build(g, src, b, d, h, w0, n, mode, padding);
@@ -197,7 +228,7 @@ void forward_rows(const S* img, S* out, acc_t<S>* dpos, const Geometry& g, const
             S* ov = ob + (w0 + v) * ow;
             const S* ik[8];
             T wk[8];
-            st.corners(v, ib, ik, wk);
+            st.corners(v, ib, ik, wk, outside);
             int c = 0;
             if constexpr (std::is_same_v<S, T>) {
               for (; c + lanes<T>() <= g.C; c += lanes<T>()) {
@@ -222,16 +253,18 @@ void forward_rows(const S* img, S* out, acc_t<S>* dpos, const Geometry& g, const
           S* oc = ob + c * g.os[1] + w0 * ow;
           const int64_t vox = g.voxels();
           T* dc = kSave ? dpos + saved_offset(g, b, 3 * c, d, h) + w0 : nullptr;
+          with_guard(nonfinite_origin(ic), [&](auto guard) {
 #pragma omp simd
-          for (int v = 0; v < n; ++v) {
-            T der[3];
-            oc[v * ow] = static_cast<S>(st.template sample<kSave>(ic, v, der));
-            if constexpr (kSave) {
-              dc[v] = der[0];
-              dc[vox + v] = der[1];
-              dc[2 * vox + v] = der[2];
+            for (int v = 0; v < n; ++v) {
+              T der[3];
+              oc[v * ow] = static_cast<S>(st.template sample<kSave, guard>(ic, v, der));
+              if constexpr (kSave) {
+                dc[v] = der[0];
+                dc[vox + v] = der[1];
+                dc[2 * vox + v] = der[2];
+              }
             }
-          }
+          });
         }
       }
     }
@@ -296,6 +329,7 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
   using T = acc_t<S>;
   RowStencils<T, I, kPos> st;
   T gp[3][kBlock];
+  const std::vector<S> zeros(scatter && channel_vector(g) ? g.C : 0, S(0));  // corners outside
   const int64_t ow = g.os[4];
   for (int64_t r = r0; r < r1; ++r) {
     int b, d, h;
@@ -303,6 +337,7 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
     const S* ib = img + b * g.is[0];
     const S* gb = gout + b * g.os[0] + d * g.os[2] + h * g.os[3];
     T* sb = scatter ? scatter + b * g.is[0] : nullptr;
+    const S* outside = !zeros.empty() && nonfinite_origin(ib, g.C) ? zeros.data() : nullptr;
     T m[kMoments] = {};
     for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
       const int n = std::min(kBlock, g.out_size[2] - w0);
@@ -318,7 +353,7 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
           const S* ik[8];
           T wk[8];
           st.corners(v, sb, sk, wk);
-          st.corners(v, ib, ik, wk);
+          st.corners(v, ib, ik, wk, outside);
           using V = Lanes<T>;
           V dots[8] = {};
           int c = c0;
@@ -365,8 +400,10 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
             GVSL_UNROLL
             for (int k = 0; k < 8; ++k) sc[st.off[k][v]] += st.w[k][v] * go;
             if constexpr (kPos) {
+              const S* ic = ib + c * g.is[1];
               T der[3];
-              st.template sample<true>(ib + c * g.is[1], v, der);
+              if (nonfinite_origin(ic)) st.template sample<true, true>(ic, v, der);
+              else st.template sample<true, false>(ic, v, der);
               pd += go * der[0];
               ph += go * der[1];
               pw += go * der[2];
@@ -385,15 +422,17 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
         for (int c = c0; c < c1; ++c) {
           const S* ic = ib + c * g.is[1];
           const S* gc = gb + c * g.os[1] + w0 * ow;
+          with_guard(nonfinite_origin(ic), [&](auto guard) {
 #pragma omp simd
-          for (int v = 0; v < n; ++v) {
-            T der[3];
-            st.template sample<true>(ic, v, der);
-            const T go = static_cast<T>(gc[v * ow]);
-            gp[0][v] += go * der[0];
-            gp[1][v] += go * der[1];
-            gp[2][v] += go * der[2];
-          }
+            for (int v = 0; v < n; ++v) {
+              T der[3];
+              st.template sample<true, guard>(ic, v, der);
+              const T go = static_cast<T>(gc[v * ow]);
+              gp[0][v] += go * der[0];
+              gp[1][v] += go * der[1];
+              gp[2][v] += go * der[2];
+            }
+          });
         }
       }
       if constexpr (kPos) {
