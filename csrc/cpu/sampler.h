@@ -79,10 +79,11 @@ template <typename F> void with_offset_type(const Geometry& g, F&& f) {
 }
 
 // Whether a channel's first voxel, which corners outside the volume read (RowStencils), is
-// inf or NaN; with `channels`, whether any of a channels-last voxel's channels is.
-template <typename S> inline bool nonfinite_origin(const S* c, int channels = 1) {
+// inf or NaN; with `channels` (`stride` apart), whether that of any of them is.
+template <typename S>
+inline bool nonfinite_origin(const S* c, int channels = 1, int64_t stride = 1) {
   bool bad = false;
-  for (int i = 0; i < channels; ++i) bad |= !std::isfinite(static_cast<acc_t<S>>(c[i]));
+  for (int i = 0; i < channels; ++i) bad |= !std::isfinite(static_cast<acc_t<S>>(c[i * stride]));
   return bad;
 }
 
@@ -337,7 +338,10 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
     const S* ib = img + b * g.is[0];
     const S* gb = gout + b * g.os[0] + d * g.os[2] + h * g.os[3];
     T* sb = scatter ? scatter + b * g.is[0] : nullptr;
-    const S* outside = !zeros.empty() && nonfinite_origin(ib, g.C) ? zeros.data() : nullptr;
+    // The voxel-by-voxel loops below check once per row, for all channels (the guarded reads
+    // give the same sums where the first voxel is finite).
+    const bool guard = sb && nonfinite_origin(ib, g.C, g.is[1]);
+    const S* outside = guard && !zeros.empty() ? zeros.data() : nullptr;
     T m[kMoments] = {};
     for (int w0 = 0; w0 < g.out_size[2]; w0 += kBlock) {
       const int n = std::min(kBlock, g.out_size[2] - w0);
@@ -402,7 +406,7 @@ void backward_rows(const S* img, const S* gout, const Geometry& g, const Src& sr
             if constexpr (kPos) {
               const S* ic = ib + c * g.is[1];
               T der[3];
-              if (nonfinite_origin(ic)) st.template sample<true, true>(ic, v, der);
+              if (guard) st.template sample<true, true>(ic, v, der);
               else st.template sample<true, false>(ic, v, der);
               pd += go * der[0];
               ph += go * der[1];
