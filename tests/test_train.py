@@ -438,6 +438,76 @@ def test_bad_sizes_and_devices_are_refused_naming_the_option(tmp_path, capsys, a
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"gvsl-fast pretrain: error: {says}"
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
+def test_tensor_bytes_counts_live_storages_and_their_peak():
+    """Views and in-place results share a storage (counted once); a freed storage leaves the
+    live count; the peak is the most live at once."""
+    with host_memory.TensorBytes() as counted:
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.zeros(2 << 20, dtype=torch.uint8)
+        view = b[::2].add_(1)
+        assert counted.live == 3 << 20
+        del a
+        c = torch.empty(3 << 20, dtype=torch.uint8)
+        assert counted.live == 5 << 20
+    del b, view, c
+    assert counted.peak == 5 << 20 and counted.live == 0
+    if platform.system() == "Linux":
+        assert 0 < host_memory.available_bytes() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf(
+            "SC_PHYS_PAGES")
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_step_memory_on_fake_tensors_matches_a_real_step(tmp_path, grad_checkpoint):
+    """The memory check's dry run (fake tensors, nothing allocated) counts what the real forward
+    and backward of the same batch hold at their peak."""
+    trainer = loop.Trainer(_cfg(tmp_path / "run", tmp_path / "cache", patch=(32, 32, 32),
+                                grad_checkpoint=grad_checkpoint))
+    need = trainer.step_memory()
+    with host_memory.TensorBytes() as real:
+        batch = [torch.empty(1, 1, 32, 32, 32).contiguous(memory_format=torch.channels_last_3d)
+                 for _ in range(3)]
+        for x in batch:
+            x.uniform_()
+        out = trainer.model(*batch)
+        torch.autograd.grad(out.loss, list(trainer.model.parameters()))
+    assert need["step"] == pytest.approx(real.peak, rel=0.01)
+    weights = sum(p.numel() * 4 for p in trainer.model.parameters())
+    assert need["adam"] == 2 * weights
+    assert need["loader"] == 3 * 2 * 32**3 * 4  # workers=0: one batch ahead
+
+
+def test_a_step_too_big_for_this_machine_is_refused_before_anything_runs(tmp_path, capsys,
+                                                                         monkeypatch):
+    """--patch 1000 on the CPU (about 9 TiB): one line naming --patch and --batch-size, before
+    any data is prepared or the run folder is made, instead of the kernel killing the run."""
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 16 << 30)
+    monkeypatch.delenv(loop.NO_MEMORY_CHECK, raising=False)
+    code = main(["pretrain", "--patch", "1000", "--device", "cpu", "--out", str(tmp_path / "run"),
+                 "--cache", str(tmp_path / "cache"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("gvsl-fast pretrain: error: --patch 1000 1000 1000 with --batch-size 2: "
+                          "training needs at least 9."), err
+    assert err.endswith("TiB of memory, and 16.0 GiB is available. Choose a smaller --patch or "
+                        "--batch-size, or add --grad-checkpoint; GVSL_FAST_NO_MEMORY_CHECK=1 "
+                        "starts it anyway"), err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_memory_check_counts_every_local_process_and_can_be_skipped(tmp_path, monkeypatch):
+    trainer = loop.Trainer(_cfg(tmp_path / "run", tmp_path / "cache"))
+    need = sum(trainer.step_memory().values())
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 2 * need)
+    monkeypatch.delenv(loop.NO_MEMORY_CHECK, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    trainer.check_host_memory()  # 2 x need fits
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(RuntimeError, match=r"\(3 processes on this machine\), and .* available"):
+        trainer.check_host_memory()
+    monkeypatch.setenv(loop.NO_MEMORY_CHECK, "1")
+    trainer.check_host_memory()
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_identical_replicas(tmp_path):
     """torchrun with 2 gloo processes: after a few steps both replicas hold the same weights."""

@@ -13,19 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
 from gvsl_fast.data import make_loader, prepare_dataset
 from gvsl_fast.data.transforms import AppearanceTransform, SpatialTransform
 from gvsl_fast.models import GVSL, UNet3D
 from gvsl_fast.ops._backend import deterministic_algorithms
-from gvsl_fast.train import checkpoint, distributed
+from gvsl_fast.train import checkpoint, distributed, host_memory
 from gvsl_fast.train.config import TrainConfig
 from gvsl_fast.train.logs import LOSSES, History, plot_losses, plot_preview, tensorboard_error
 
 # The fixed evaluation pair: a batch of the loader's stream (a pure function of the step index)
 # that training never reaches, scored without augmentation at the start and at every save.
 EVAL_STEP = 2**40
+# set (to anything but "" or "0") to start a CPU run that the memory check would refuse
+NO_MEMORY_CHECK = "GVSL_FAST_NO_MEMORY_CHECK"
 
 
 def default_cache() -> Path:
@@ -170,10 +174,14 @@ class Trainer:
             a, a_t, b = (x.contiguous(memory_format=torch.channels_last_3d) for x in (a, a_t, b))
         return a, a_t, b
 
+    def autocast(self) -> torch.autocast:
+        """The step's autocast: ``--amp``'s dtype, or off."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
     def train_step(self, a: torch.Tensor, a_t: torch.Tensor, b: torch.Tensor):
         """Forward, backward and optimizer update; returns the model output."""
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with self.autocast():
             out = self.forward(a, a_t, b)
         self.scaler.scale(out.loss).backward()
         self.scaler.step(self.optimizer)
@@ -187,10 +195,63 @@ class Trainer:
         Eager under --compile: one batch per save does not pay for compiling a second (no-grad)
         graph of the U-Net (on 2 CPU cores about 30 s more than the training graph's compile)."""
         a, b = (x.to(self.device) for x in self.loader.batch(EVAL_STEP))
-        with _eager(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                      enabled=self.amp_dtype is not None):
+        with _eager(), self.autocast():
             out = self.model(a, a, b)
         return {k: getattr(out, k).item() for k in LOSSES}
+
+    # -- memory -------------------------------------------------------------------------------
+    def step_memory(self) -> dict[str, int]:
+        """Bytes one training step needs beyond what is allocated now, by part: ``"step"``, the
+        peak of its tensors, counted by running the model's forward and backward on fake tensors
+        of the configured batch (``FakeTensorMode``: shapes only, nothing allocated, about a
+        second; eager under ``--compile``); ``"adam"``, the optimizer's two moments;
+        ``"loader"``, the batches the loader keeps ready."""
+        cfg = self.cfg
+        shape = (cfg.batch_size, 1, *cfg.patch)
+        layout = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+        # real buffers and the ops' real constants are taken as they are (allow_non_fake_inputs)
+        with _eager(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
+            params = {k: fake.from_tensor(p).requires_grad_(p.requires_grad)
+                      for k, p in self.model.named_parameters()}
+            with host_memory.TensorBytes() as counted:
+                batch = tuple(torch.empty(shape).contiguous(memory_format=layout)
+                              for _ in range(3))
+                with self.autocast():
+                    out = functional_call(self.model, params, batch)
+                torch.autograd.grad(out.loss, [p for p in params.values() if p.requires_grad])
+        trained = (p for p in self.model.parameters() if p.requires_grad)
+        # the loader's batches prepared ahead, the one in use and the next one's crops:
+        # each (2B, *patch) float32
+        return {"step": counted.peak,
+                "adam": 2 * sum(p.numel() * p.element_size() for p in trained),
+                "loader": (max(cfg.workers, 1) + 2) * 2 * math.prod(shape) * 4}
+
+    def check_host_memory(self) -> None:
+        """On the CPU, refuse a run whose step does not fit in the memory available, before any
+        data is prepared or anything is written: the kernel would kill it at its first step,
+        with no message. Every process on this machine (torchrun's LOCAL_WORLD_SIZE) needs its
+        own. The estimate is a lower bound (see :meth:`step_memory`); on a GPU, PyTorch raises its
+        own out-of-memory error at the first step.
+
+        Raises:
+            RuntimeError: naming --patch and --batch-size, with the bytes needed and available.
+        """
+        if self.device.type != "cpu" or os.environ.get(NO_MEMORY_CHECK, "") not in ("", "0"):
+            return
+        available = host_memory.available_bytes()
+        if available is None:
+            return
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        need = sum(self.step_memory().values()) * processes
+        if need > available:
+            cfg = self.cfg
+            each = f" ({processes} processes on this machine)" if processes > 1 else ""
+            also = "" if cfg.grad_checkpoint else ", or add --grad-checkpoint"
+            raise RuntimeError(
+                f"--patch {' '.join(map(str, cfg.patch))} with --batch-size {cfg.batch_size}: "
+                f"training needs at least {_size(need)} of memory{each}, and {_size(available)} "
+                f"is available. Choose a smaller --patch or --batch-size{also}; "
+                f"{NO_MEMORY_CHECK}=1 starts it anyway")
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
@@ -235,6 +296,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train from the current (or resumed) step to ``cfg.steps``."""
         cfg, is_main = self.cfg, self.dist.is_main
+        self.check_host_memory()
         if is_main:
             cfg.out.mkdir(parents=True, exist_ok=True)
             _check_out_dir(cfg)
@@ -299,6 +361,15 @@ class Trainer:
         if out is not None:
             result.update({k: getattr(out, k).item() for k in LOSSES})
         return result
+
+
+def _size(n: float) -> str:
+    """Bytes in binary units: '9.4 TiB'."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    unit = 0
+    while n >= 1024 and unit < len(units) - 1:
+        n, unit = n / 1024, unit + 1
+    return f"{n:.1f} {units[unit]}"
 
 
 def _eager():
