@@ -494,13 +494,19 @@ def test_a_step_too_big_for_this_machine_is_refused_before_anything_runs(tmp_pat
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
-def test_memory_check_counts_every_local_process_and_can_be_skipped(tmp_path, monkeypatch):
+def test_memory_check_counts_every_local_process_and_can_be_skipped(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A run that fits says what it needs, once; each of torchrun's local processes counts."""
     trainer = loop.Trainer(_cfg(tmp_path / "run", tmp_path / "cache"))
     need = sum(trainer.step_memory().values())
     monkeypatch.setattr(host_memory, "available_bytes", lambda: 2 * need)
     monkeypatch.delenv(loop.NO_MEMORY_CHECK, raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    capsys.readouterr()
     trainer.check_host_memory()  # 2 x need fits
+    assert capsys.readouterr().err == (
+        f"gvsl-fast: memory: training needs at least {loop._size(2 * need)} (2 processes on this "
+        f"machine); {loop._size(2 * need)} is available\n")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     with pytest.raises(RuntimeError, match=r"\(3 processes on this machine\), and .* available"):
         trainer.check_host_memory()

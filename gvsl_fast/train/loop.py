@@ -229,9 +229,10 @@ class Trainer:
     def check_host_memory(self) -> None:
         """On the CPU, refuse a run whose step does not fit in the memory available, before any
         data is prepared or anything is written: the kernel would kill it at its first step,
-        with no message. Every process on this machine (torchrun's LOCAL_WORLD_SIZE) needs its
-        own. The estimate is a lower bound (see :meth:`step_memory`); on a GPU, PyTorch raises its
-        own out-of-memory error at the first step.
+        with no message; a run that fits says in one line what it needs. Every process on this
+        machine (torchrun's LOCAL_WORLD_SIZE) needs its own. The estimate is a lower bound (see
+        :meth:`step_memory`); on a GPU, PyTorch raises its own out-of-memory error at the first
+        step.
 
         Raises:
             RuntimeError: naming --patch and --batch-size, with the bytes needed and available.
@@ -243,15 +244,18 @@ class Trainer:
             return
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         need = sum(self.step_memory().values()) * processes
+        each = f" ({processes} processes on this machine)" if processes > 1 else ""
+        cfg = self.cfg
         if need > available:
-            cfg = self.cfg
-            each = f" ({processes} processes on this machine)" if processes > 1 else ""
             also = "" if cfg.grad_checkpoint else ", or add --grad-checkpoint"
             raise RuntimeError(
                 f"--patch {' '.join(map(str, cfg.patch))} with --batch-size {cfg.batch_size}: "
                 f"training needs at least {_size(need)} of memory{each}, and {_size(available)} "
                 f"is available. Choose a smaller --patch or --batch-size{also}; "
                 f"{NO_MEMORY_CHECK}=1 starts it anyway")
+        if self.dist.is_main:
+            print(f"gvsl-fast: memory: training needs at least {_size(need)}{each}; "
+                  f"{_size(available)} is available", file=sys.stderr)
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
