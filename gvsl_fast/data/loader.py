@@ -17,6 +17,7 @@ padded with zeros, so volumes smaller than the patch are used, not rejected.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -147,6 +148,12 @@ class TorchPairLoader(PairLoader):
         self.workers = max(1, workers)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="gvsl-loader")
         self._volumes = [np.load(f, mmap_mode="r") for f in files]
+
+    @staticmethod
+    def held_bytes(workers: int, batch_size: int, patch: Sequence[int]) -> int:
+        """Bytes of the batches this loader holds while iterating: ``max(1, workers)``
+        prepared ahead, the one in use and the next one's crops, each (2B, *patch) float32."""
+        return (max(1, workers) + 2) * 2 * batch_size * math.prod(patch) * 4
 
     def _assemble(self, step: int) -> torch.Tensor:
         p = self.sampler.plan(step)

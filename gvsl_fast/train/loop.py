@@ -18,6 +18,7 @@ from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
 from gvsl_fast.data import make_loader, prepare_dataset
+from gvsl_fast.data.loader import TorchPairLoader
 from gvsl_fast.data.transforms import AppearanceTransform, SpatialTransform
 from gvsl_fast.models import GVSL, UNet3D
 from gvsl_fast.ops._backend import deterministic_algorithms
@@ -220,11 +221,10 @@ class Trainer:
                     out = functional_call(self.model, params, batch)
                 torch.autograd.grad(out.loss, [p for p in params.values() if p.requires_grad])
         trained = (p for p in self.model.parameters() if p.requires_grad)
-        # the loader's batches prepared ahead, the one in use and the next one's crops:
-        # each (2B, *patch) float32
+        # the loader is not opened yet (that prepares data): its rule, from the configuration
         return {"step": counted.peak,
                 "adam": 2 * sum(p.numel() * p.element_size() for p in trained),
-                "loader": (max(cfg.workers, 1) + 2) * 2 * math.prod(shape) * 4}
+                "loader": TorchPairLoader.held_bytes(cfg.workers, cfg.batch_size, cfg.patch)}
 
     def check_host_memory(self) -> None:
         """On the CPU, refuse a run whose step does not fit in the memory available, before any
