@@ -79,6 +79,28 @@ def test_double_backward_is_announced_once_per_op(monkeypatch):
     assert said[1].startswith("gvsl_fast.ops.lncc: double backward")
 
 
+@pytest.mark.parametrize("name", ["warp", "grid_sample"])
+@pytest.mark.parametrize(("device", "backend"), [*BACKENDS, ("cpu", "reference")],
+                         ids=[*IDS, "reference"])
+def test_nearest_positions_get_a_zero_gradient_to_any_order(device, backend, name):
+    """Nearest mode is piecewise constant: as with F.grid_sample, the output stays on the
+    positions' graph with a zero gradient, for .backward() and for create_graph=True (a label map
+    warped by a trained flow), on every backend, the reference included."""
+    image, pos = op_inputs(name, device, torch.float32, False)
+    x = {"warp": ops.warp, "grid_sample": ops.grid_sample}[name]
+    out = x(image, pos, mode="nearest", backend=backend)
+    assert out.requires_grad
+    out.sum().backward()
+    assert pos.grad is not None and not pos.grad.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        first, = torch.autograd.grad(x(image, pos, mode="nearest", backend=backend).sum()
+                                     + pos.square().sum(), pos, create_graph=True)
+    second, = torch.autograd.grad(first.sum(), pos)
+    torch.testing.assert_close(first, 2 * pos.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(second, torch.full_like(pos, 2.0), rtol=0, atol=0)
+
+
 def _tangents(inputs, seed=3):
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)

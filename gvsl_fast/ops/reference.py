@@ -78,7 +78,13 @@ def sample(image: torch.Tensor, pos: torch.Tensor, mode: str = "bilinear",
             x = torch.where(far, torch.full_like(x, -2.0), x)
         coords.append(x)
     if mode == "nearest":
-        return _gather(flat, [torch.round(x.detach()) for x in coords], size)
+        out = _gather(flat, [torch.round(x.detach()) for x in coords], size)
+        if any(x.requires_grad for x in coords):
+            # times exactly 1, whose derivative is round's, 0: the output stays on the
+            # positions' graph with a zero gradient, as F.grid_sample's does (coords are finite)
+            one = sum(torch.round(x) - torch.round(x).detach() for x in coords) + 1
+            out = out * one.unsqueeze(1)
+        return out
     lo = [torch.floor(x.detach()) for x in coords]
     frac = [x - x0 for x, x0 in zip(coords, lo, strict=True)]
     out = torch.zeros((), dtype=image.dtype, device=image.device)
