@@ -168,6 +168,10 @@ def test_errors():
         affine_warp(image[0], theta)
     with pytest.raises(ValueError, match="padding_mode"):
         affine_warp(image, theta, padding_mode="reflection")
+    for backend in ("cpu", "reference"):  # padding_mode in align_corners' place
+        with pytest.raises(TypeError, match="affine_warp: `align_corners` must be a bool, "
+                                            "got 'border'"):
+            affine_warp(image, theta, "border", backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)

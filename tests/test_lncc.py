@@ -453,3 +453,10 @@ def test_voxelmorph_module(win):
         NCC([9, 9, 7])
     with pytest.raises(ValueError, match=r"`win` must be an odd positive int, got \[4, 4, 4\]"):
         NCC([4, 4, 4])
+    with pytest.raises(ValueError, match=r"`win` must be one side or three \(the volumes are "
+                                         r"3-D\), got \[5, 5\]"):
+        NCC([5, 5])  # VoxelMorph's 2-D window: refused, not taken as 5^3
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        NCC(5, backend="gpu")
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        LocalNormalizedCrossCorrelationLoss(backend="gpu")

@@ -377,10 +377,30 @@ def test_voxelmorph_spatial_transformer(device, backend, dims):
         assert_matches(g, r, device, torch.float32)
     with pytest.raises(ValueError, match="size"):
         SpatialTransformer((5,) * dims)(src, flow)
-    if dims == 2:
-        for bad in (src[:, :, 1:], src.unsqueeze(2)):
-            with pytest.raises(ValueError, match=r"2-D input is \(B, C, H, W\) warped by"):
-                SpatialTransformer(src.shape[2:])(bad, flow)
+    for bad in (src[:, :, 1:], src.unsqueeze(2), src[:, 0]):
+        with pytest.raises(ValueError, match=r"SpatialTransformer: `src` \(B, C, D, H, W\) is "
+                                             r"warped by `flow` \(B, 3, D, H, W\), and"):
+            SpatialTransformer(src.shape[2:])(bad, flow)
+
+
+def test_module_options_and_shapes_are_checked_in_their_words():
+    """Bad options fail when the module is built; shape errors name the module's arguments."""
+    for build, match in ((lambda: Warp(mode="bicubic"), "Warp: `mode` must be one of"),
+                         (lambda: Warp(padding_mode="reflection"), "Warp: `padding_mode`"),
+                         (lambda: Warp(backend="gpu"), "Warp: `backend` must be one of"),
+                         (lambda: SpatialTransformer((4, 5, 6), mode="bicubic"),
+                          "SpatialTransformer: `mode` must be one of")):
+        with pytest.raises(ValueError, match=match):
+            build()
+    image = torch.rand(1, 1, 4, 5, 6)
+    for ddf in (torch.zeros(1, 2, 4, 5, 6), torch.zeros(1, 3, 4, 5, 7)):
+        with pytest.raises(ValueError, match=r"Warp: `image` \(B, C, D, H, W\) is warped by "
+                                             r"`ddf` \(B, 3, D, H, W\)"):
+            Warp()(image, ddf)
+    with pytest.raises(ValueError, match=r"got \(6,\) and \(1,\)"):
+        Warp()(image[0, 0, 0, 0], torch.zeros(1))
+    with pytest.raises(TypeError, match="Warp: `ddf` must be a torch.Tensor"):
+        Warp()(image, None)
 
 
 def test_voxelmorph_checkpoints_load():
@@ -462,6 +482,10 @@ def test_errors():
         grid_sample(image, torch.zeros(1, 4, 5, 6, 2))
     with pytest.raises(ValueError, match="batch"):
         grid_sample(image, torch.zeros(2, 4, 5, 6, 3))
+    for backend in ("cpu", "reference"):
+        with pytest.raises(TypeError, match="grid_sample: `align_corners` must be a bool"):
+            grid_sample(image, torch.zeros(1, 4, 5, 6, 3), align_corners="border",
+                        backend=backend)
     with pytest.raises(RuntimeError, match="backend 'cuda'"):
         warp(image, flow, backend="cuda")
 

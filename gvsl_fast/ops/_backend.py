@@ -253,7 +253,7 @@ def deterministic(op: str, flag: bool | None) -> bool:
 
 def promotes_under_autocast(op: F) -> F:
     """Decorates a public op: under ``torch.autocast`` its floating tensor arguments are cast to
-    their widest dtype, as autocast treats ``F.grid_sample`` (a flow from a bf16 convolution
+    their widest dtype, as CUDA autocast treats ``F.grid_sample`` (a flow from a bf16 convolution
     warps a float32 image in float32), and the op runs with autocast off, so that the reference
     path's convolutions and matmuls stay in that dtype too. Outside autocast, mixed dtypes
     remain an error (``check_same``)."""
@@ -309,6 +309,13 @@ def check_same(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{op}: `{n}` is on {t.device} but `{n0}` is on {t0.device}")
         if t.dtype != t0.dtype:
             raise TypeError(f"{op}: `{n}` has dtype {t.dtype} but `{n0}` has {t0.dtype}")
+
+
+def check_flag(op: str, name: str, value: bool) -> None:
+    """A bool: a string in its place is a slip that Python's truthiness would hide
+    (``affine_warp(image, theta, "border")`` puts ``padding_mode`` where ``align_corners`` is)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: `{name}` must be a bool, got {value!r}")
 
 
 def check_choice(op: str, name: str, value: str, choices: Sequence[str]) -> None:

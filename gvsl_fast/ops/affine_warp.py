@@ -71,7 +71,8 @@ def affine_warp(image: Tensor, theta: Tensor, align_corners: bool = False,
 
     Raises:
         ValueError: wrong rank or shape, batch mismatch, empty input, bad option, devices differ.
-        TypeError: non-floating dtypes, or mismatched ones outside ``torch.autocast``.
+        TypeError: non-floating dtypes, or mismatched ones outside ``torch.autocast``;
+            ``align_corners`` not a bool.
         RuntimeError: the requested backend is not available.
     """
     op = "affine_warp"
@@ -80,6 +81,7 @@ def affine_warp(image: Tensor, theta: Tensor, align_corners: bool = False,
         shape = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
         raise ValueError(f"{op}: `theta` must be ({image.shape[0]}, 3, 4), got {shape}")
     _backend.check_same(op, image=image, theta=theta)
+    _backend.check_flag(op, "align_corners", align_corners)
     _backend.check_choice(op, "padding_mode", padding_mode, reference.PADDINGS)
     det = _backend.deterministic(op, deterministic)
     be = _backend.resolve(op, backend, [image, theta])

@@ -204,8 +204,7 @@ def _check(op: str, theta: torch.Tensor, flow: torch.Tensor, align_corners: bool
                              f"{tuple(flow.shape)} must share batch and spatial size")
         tensors["image"] = image
     _backend.check_same(op, **tensors)
-    if not isinstance(align_corners, bool):
-        raise TypeError(f"{op}: `align_corners` must be a bool, got {align_corners!r}")
+    _backend.check_flag(op, "align_corners", align_corners)
     _backend.check_choice(op, "padding_mode", padding_mode, reference.PADDINGS)
 
 

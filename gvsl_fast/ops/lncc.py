@@ -198,6 +198,9 @@ def _window_side(arg: str, win: int | Sequence[int] | None, default: int = 9) ->
     style); errors name the module's argument ``arg``."""
     if win is None:
         return default
+    if isinstance(win, (list, tuple)) and len(win) != 3:
+        raise ValueError(f"{OP}: `{arg}` must be one side or three (the volumes are 3-D), got "
+                         f"{win!r}")
     sides = set(win) if isinstance(win, (list, tuple)) else {win}
     if len(sides) != 1:
         raise ValueError(f"{OP}: `{arg}` must give one side for every axis (only cubic windows "
@@ -221,6 +224,7 @@ class NCC:
                  backend: str = "auto") -> None:
         self.win = _window_side("win", win)
         self.eps = _constant("eps", eps, positive=True)
+        _backend.check_choice(OP, "backend", backend, _backend.BACKENDS)
         self.backend = backend
 
     def loss(self, y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
@@ -260,6 +264,7 @@ class LocalNormalizedCrossCorrelationLoss(torch.nn.Module):
         self.reduction = str(reduction)
         self.smooth_nr = _constant("smooth_nr", smooth_nr, positive=False)
         self.smooth_dr = _constant("smooth_dr", smooth_dr, positive=True)
+        _backend.check_choice(OP, "backend", backend, _backend.BACKENDS)
         self.backend = backend
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

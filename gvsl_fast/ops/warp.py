@@ -165,7 +165,8 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
 
     Raises:
         ValueError: wrong rank or shape, batch mismatch, empty input, bad option, devices differ.
-        TypeError: non-floating dtypes, or mismatched ones outside ``torch.autocast``.
+        TypeError: non-floating dtypes, or mismatched ones outside ``torch.autocast``;
+            ``align_corners`` not a bool.
         RuntimeError: the requested backend is not available.
     """
     op = "grid_sample"
@@ -179,6 +180,7 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
         raise ValueError(f"{op}: `grid` is empty, shape {tuple(grid.shape)}")
     _backend.check_same(op, input=input, grid=grid)
     _check_options(op, mode, padding_mode)
+    _backend.check_flag(op, "align_corners", align_corners)
     det = _backend.deterministic(op, deterministic)
     be = _backend.resolve(op, backend, [input, grid])
     if be == "reference":
@@ -190,20 +192,32 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     return _sampler.op_namespace(be).grid_sample_forward(input, grid, *options, det)
 
 
-def _warp_2d_or_3d(module: str, image: Tensor, flow: Tensor, mode: str, padding_mode: str,
-                   backend: str) -> Tensor:
+def _warp_2d_or_3d(module: str, names: tuple[str, str], image: Tensor, flow: Tensor, mode: str,
+                   padding_mode: str, backend: str) -> Tensor:
     """:func:`warp` for volumes, and for 2-D images ``(B, C, H, W)`` by ``(B, 2, H, W)`` as one
     slice of depth 1 that nothing moves along: its position there is exactly 0, where the
-    trilinear weights are bilinear ones (the depth gradient is computed and dropped)."""
-    if image.dim() != 4 and flow.dim() != 4:
-        return warp(image, flow, mode, padding_mode, backend=backend)
-    if (image.dim() != 4 or flow.dim() != 4 or flow.shape[1] != 2
-            or image.shape[0] != flow.shape[0] or image.shape[2:] != flow.shape[2:]):
-        raise ValueError(f"{module}: 2-D input is (B, C, H, W) warped by (B, 2, H, W), got "
+    trilinear weights are bilinear ones (the depth gradient is computed and dropped). Shape
+    errors name the module and its arguments ``names``."""
+    for name, t in zip(names, (image, flow), strict=True):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{module}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    dims = image.dim() - 2
+    if (dims not in (2, 3) or flow.shape[:1] + flow.shape[2:] != image.shape[:1] + image.shape[2:]
+            or flow.shape[1:2] != (dims,)):
+        raise ValueError(f"{module}: `{names[0]}` (B, C, D, H, W) is warped by `{names[1]}` "
+                         f"(B, 3, D, H, W), and (B, C, H, W) by (B, 2, H, W); got "
                          f"{tuple(image.shape)} and {tuple(flow.shape)}")
+    if dims == 3:
+        return warp(image, flow, mode, padding_mode, backend=backend)
     still = flow.new_zeros(flow.shape[0], 1, *flow.shape[2:])
     flow = torch.cat([still, flow], dim=1).unsqueeze(2)
     return warp(image.unsqueeze(2), flow, mode, padding_mode, backend=backend).squeeze(2)
+
+
+def _check_module_options(module: str, mode: str, padding_mode: str, backend: str) -> None:
+    """The options a module keeps, checked when it is built rather than at its first call."""
+    _check_options(module, mode, padding_mode)
+    _backend.check_choice(module, "backend", backend, _backend.BACKENDS)
 
 
 class SpatialTransformer(nn.Module):
@@ -219,6 +233,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, size: Sequence[int], mode: str = "bilinear",
                  backend: str = "auto") -> None:
         super().__init__()
+        _check_module_options("SpatialTransformer", mode, "zeros", backend)
         self.size = tuple(size)
         self.mode = mode
         self.backend = backend
@@ -230,7 +245,8 @@ class SpatialTransformer(nn.Module):
             raise ValueError(
                 f"SpatialTransformer: flow size {tuple(flow.shape[2:])} != size {self.size}"
             )
-        return _warp_2d_or_3d("SpatialTransformer", src, flow, self.mode, "zeros", self.backend)
+        return _warp_2d_or_3d("SpatialTransformer", ("src", "flow"), src, flow, self.mode, "zeros",
+                              self.backend)
 
 
 def _take_voxelmorph_grid(module: SpatialTransformer, state_dict, prefix, local_metadata, strict,
@@ -255,6 +271,7 @@ class Warp(nn.Module):
     def __init__(self, mode: str = "bilinear", padding_mode: str = "border", jitter: bool = False,
                  backend: str = "auto") -> None:
         super().__init__()
+        _check_module_options("Warp", mode, padding_mode, backend)
         self.mode = mode
         self.padding_mode = padding_mode
         self.jitter = jitter
@@ -267,4 +284,5 @@ class Warp(nn.Module):
             with torch.random.fork_rng(devices=[ddf.device] if ddf.is_cuda else []):
                 torch.random.manual_seed(0)
                 ddf = ddf + torch.rand_like(ddf)
-        return _warp_2d_or_3d("Warp", image, ddf, self.mode, self.padding_mode, self.backend)
+        return _warp_2d_or_3d("Warp", ("image", "ddf"), image, ddf, self.mode,
+                              self.padding_mode, self.backend)
