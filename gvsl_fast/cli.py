@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -15,12 +16,14 @@ from pathlib import Path
 from gvsl_fast import __version__
 
 
-def _bounded(kind: type, low: float, strict: bool = False):
-    """An argparse type: a `kind` value >= `low` (> with `strict`), so that a bad value is
-    refused, naming its option, before anything runs."""
+def bounded(kind: type, low: float, strict: bool = False):
+    """An argparse type: a finite `kind` value >= `low` (> with `strict`), so that a bad value
+    is refused, naming its option, before anything runs."""
 
     def parse(text: str):
         value = kind(text)  # a ValueError reads "invalid int value: 'x'"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, "
                                              f"got {text}")
@@ -55,32 +58,32 @@ def add_pretrain(sub) -> None:
     p.add_argument("--cache", help="preprocessed-data cache (default $GVSL_FAST_CACHE or "
                    "~/.cache/gvsl-fast)")
     p.add_argument("--preset", choices=tuple(PRESETS), help="defaults for the options below")
-    p.add_argument("--steps", type=_bounded(int, 0), help="optimizer steps")
-    p.add_argument("--batch-size", type=_bounded(int, 1), default=2)
-    p.add_argument("--patch", type=_bounded(int, 1), nargs="+",
+    p.add_argument("--steps", type=bounded(int, 0), help="optimizer steps")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=2)
+    p.add_argument("--patch", type=bounded(int, 1), nargs="+",
                    help="patch size: one value or D H W")
-    p.add_argument("--spacing", type=_bounded(float, 0, strict=True),
+    p.add_argument("--spacing", type=bounded(float, 0, strict=True),
                    help="isotropic voxel size (mm) to resample to")
     p.add_argument("--intensity", choices=("ct", "mr"), default="mr",
                    help="normalization of --data images")
-    p.add_argument("--lr", type=_bounded(float, 0, strict=True), default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=bounded(float, 0, strict=True), default=1e-4)
+    p.add_argument("--seed", type=bounded(int, 0), default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true",
                    help="mixed precision: bf16 where supported; elsewhere fp16 with a "
                    "GradScaler on GPUs, fp32 on CPUs")
     p.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto")
-    p.add_argument("--workers", type=_bounded(int, 0), default=2, help="loader worker threads")
+    p.add_argument("--workers", type=bounded(int, 0), default=2, help="loader worker threads")
     p.add_argument("--ops-backend", default="auto",
                    choices=("auto", "cuda", "triton", "cpu", "reference"))
     p.add_argument("--fusion", choices=("paper", "code"), default="paper",
                    help="affine+deformable order: paper (Eq. 9, one resampling) or the "
                    "original code's two resamplings")
-    p.add_argument("--weights", type=float, nargs=3, default=(1.0, 1.0, 1.0),
+    p.add_argument("--weights", type=bounded(float, 0), nargs=3, default=(1.0, 1.0, 1.0),
                    metavar=("NCC", "SMOOTH", "MSE"))
-    p.add_argument("--save-every", type=_bounded(int, 1),
+    p.add_argument("--save-every", type=bounded(int, 1),
                    help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep-last", type=_bounded(int, 1), default=3, help="checkpoints to keep")
+    p.add_argument("--keep-last", type=bounded(int, 1), default=3, help="checkpoints to keep")
     p.add_argument("--resume", help="checkpoint path, or 'auto' for the newest in --out")
     p.add_argument("--init-backbone", metavar="PATH",
                    help="start the U-Net from these weights: a `gvsl-fast export` file or a "
@@ -143,6 +146,13 @@ def run_export(args: argparse.Namespace) -> int:
     from gvsl_fast.train import checkpoint
 
     state = checkpoint.load(args.checkpoint)
+    out = args.output
+    if out.is_dir():
+        raise ValueError(f"OUT {out} is a folder; give the file to write, e.g. {out / 'unet.pt'}")
+    if out.exists() and (out.resolve() == args.checkpoint.resolve()
+                         or checkpoint.is_checkpoint(out)):
+        raise ValueError(f"OUT {out} is a training checkpoint; export writes a new file and "
+                         "never replaces one")
     cfg = state.get("backbone_config")
     if cfg is None:
         raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint} holds no backbone")
@@ -151,7 +161,8 @@ def run_export(args: argparse.Namespace) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if args.layout == "official":
         checkpoint.check_model_state(args.checkpoint, GVSL(backbone), weights)
-        torch.save(official.model_to_official(weights), args.output)
+        official_state = official.model_to_official(weights)
+        checkpoint.write_atomic(args.output, lambda f: torch.save(official_state, f))
         print(f"wrote {args.output} in the original GVSL code's layout (step {state['step']})")
         return 0
     prefix = "backbone."
@@ -217,10 +228,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        # one clear line for bad input; tracebacks stay for real bugs (other exception types)
+    except (RuntimeError, ValueError, OSError, FloatingPointError) as exc:
+        # one clear line for bad input, a file or folder the OS refuses, or a diverged run;
+        # tracebacks stay for real bugs (other exception types)
         print(f"gvsl-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"gvsl-fast {args.command}: interrupted" + _resume_hint(args), file=sys.stderr)
+        return 130
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """After an interrupted pretrain: where its last checkpoint is, and how to continue."""
+    if args.command != "pretrain":
+        return ""
+    from gvsl_fast.train import checkpoint
+
+    found = checkpoint.list_checkpoints(args.out)
+    if not found:
+        return f"; no checkpoint in {args.out} yet"
+    return (f"; the last checkpoint is {found[-1]}: add --resume auto to the same command to "
+            "continue from it")
 
 
 if __name__ == "__main__":

@@ -174,6 +174,23 @@ def test_a_dataset_of_one_volume_is_named(tmp_path):
             f"{tmp_path}: need at least 2 volumes to pair different images, got 1")):
         make_loader(tmp_path, patch=(8, 8, 8), batch_size=1, seed=0)
 
+@pytest.mark.parametrize("damage,says", [
+    (lambda f: np.save(f, np.zeros((8, 8), np.float32)), "shape (8, 8), but manifest.json says "
+     "(8, 8, 8)"),
+    (lambda f: np.save(f, np.zeros((8, 8, 7), np.float32)), "shape (8, 8, 7), but"),
+    (lambda f: f.write_bytes(f.read_bytes()[:300]), "damaged or truncated .npy (mmap length"),
+    (lambda f: f.write_bytes(b""), "damaged or truncated .npy"),
+])
+def test_a_damaged_volume_is_named(tmp_path, damage, says):
+    """One ValueError naming the .npy, not a zip() or mmap error from the loader's threads."""
+    for name in ("a.npy", "b.npy"):
+        np.save(tmp_path / name, np.zeros((8, 8, 8), np.float32))
+    nifti.write_manifest(tmp_path, [{"file": n, "shape": [8, 8, 8]} for n in ("a.npy", "b.npy")])
+    damage(tmp_path / "b.npy")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'b.npy'}: {says}")):
+        make_loader(tmp_path, patch=(8, 8, 8), batch_size=1, seed=0)
+
+
 def test_demo_cohort_is_built_once(tmp_path):
     out = demo_cohort(tmp_path, n=3, spacing=6.0, seed=4)
     m = nifti.read_manifest(out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -170,8 +172,29 @@ def test_empty_and_missing_folders(tmp_path, capsys):
     assert f"no .nii or .nii.gz files found in {tmp_path / 'empty'}" in capsys.readouterr().err
     assert pp.main(["preprocess", str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert pp.main(["preprocess", str(tmp_path / "empty"), str(tmp_path / "o"),
-                    "--spacing", "0", "1", "1"]) == 2
+
+
+@pytest.mark.parametrize("option", [["--spacing", "0", "1", "1"], ["--spacing", "inf", "1", "1"],
+                                    ["--spacing", "1", "nan", "1"], ["--hu-offset", "nan"],
+                                    ["--hu-offset=-inf"], ["--workers", "-3"]])
+def test_bad_option_values_are_refused(tmp_path, capsys, option):
+    """Refused by argparse, naming the option, before anything runs (not NaN volumes later)."""
+    with pytest.raises(SystemExit) as exit_:
+        pp.main(["preprocess", str(tmp_path), str(tmp_path / "o"), *option])
+    name = option[0].split("=")[0]
+    assert exit_.value.code == 2 and f"argument {name}:" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_paths_that_are_not_folders(tmp_path, capsys):
+    src = nifti_folder(tmp_path, broken=False)
+    (tmp_path / "file").write_bytes(b"")
+    assert pp.main(["preprocess", str(src), str(tmp_path / "file"), "--no-progress"]) == 2
+    assert f"output folder {tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+    assert pp.main(["preprocess", str(tmp_path / "file"), str(tmp_path / "o")]) == 2
+    assert f"input folder {tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+    with pytest.raises(NotADirectoryError, match=f"data folder {tmp_path / 'file'} is not a"):
+        prepare_dataset(tmp_path / "file", tmp_path / "cache")
 
 
 def test_progress_bar_reports_files(tmp_path, capsys):
@@ -188,7 +211,7 @@ def test_progress_bar_reports_files(tmp_path, capsys):
 
 def test_prepare_dataset_sources(tmp_path, converted):
     _, out, _ = converted
-    assert prepare_dataset(out, tmp_path / "cache") == out              # preprocessed: as is
+    assert prepare_dataset(out, tmp_path / "cache", spacing=(4, 4, 4)) == out  # as it is
     src = nifti_folder(tmp_path / "raw", broken=False)
     got = prepare_dataset(src, tmp_path / "cache", spacing=(4, 4, 4))
     assert got.parent == tmp_path / "cache"
@@ -209,6 +232,38 @@ def test_prepare_dataset_errors(tmp_path):
     (tmp_path / "bad" / "x.nii").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="no usable image"):
         prepare_dataset(tmp_path / "bad", tmp_path / "cache")
+
+
+def test_prepare_dataset_of_one_image_names_the_folder(tmp_path):
+    """Not the cache folder, which the loader's error would name."""
+    (tmp_path / "one").mkdir()
+    nib.save(nib.load(anatomical()), tmp_path / "one" / "a.nii")
+    with pytest.raises(ValueError, match=f"only 1 usable image in {tmp_path / 'one'}, need at "
+                       "least 2"):
+        prepare_dataset(tmp_path / "one", tmp_path / "cache", spacing=(4, 4, 4))
+
+
+@pytest.mark.parametrize("spacing,intensity", [((2, 2, 2), "mr"), ((4, 4, 4), "ct")])
+def test_prepare_dataset_says_a_preprocessed_folder_ignores_other_settings(
+        tmp_path, converted, spacing, intensity):
+    _, out, _ = converted                                  # 4 mm, mr
+    with pytest.warns(RuntimeWarning, match=re.escape(
+            f"{out} was preprocessed with spacing [4.0, 4.0, 4.0] and intensity 'mr'; the "
+            f"requested spacing {[float(s) for s in spacing]} and intensity '{intensity}' are "
+            "not applied")) as w:
+        assert prepare_dataset(out, tmp_path / "cache", spacing=spacing,
+                               intensity=intensity) == out
+    assert len(w) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_dataset(out, tmp_path / "cache", spacing=(4, 4, 4), intensity="mr")
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_prepare_dataset_progress_bar(tmp_path, capsys, progress):
+    src = nifti_folder(tmp_path, broken=False)
+    prepare_dataset(src, tmp_path / "cache", spacing=(4, 4, 4), progress=progress)
+    assert ("preprocess" in capsys.readouterr().err) == progress
 
 
 def test_prepare_dataset_names_the_files_it_leaves_out(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -258,6 +259,74 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_ctrl_c_during_a_save_waits_for_the_file(tmp_path):
+    """SIGINT while a file is written is raised once it is complete and in place, and the file
+    gets the mode of any other file the run writes (the umask's, not mkstemp's 0600)."""
+    path = tmp_path / "ckpt_00000001.pt"
+
+    def write(f):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered at once to this main thread
+        torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": 1}, f)
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_atomic(path, write)
+    assert checkpoint.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_interrupted_pretrain_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg):
+        checkpoint.save({"step": 2}, checkpoint.checkpoint_path(cfg.out, 2))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "pretrain", interrupted)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--device", "cpu"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"gvsl-fast pretrain: interrupted; the last checkpoint is {out / 'ckpt_00000002.pt'}: "
+        "add --resume auto to the same command to continue from it")
+
+
+def test_an_out_that_is_a_file_is_one_clear_error(tmp_path, cohort_cache, capsys):
+    out = tmp_path / "afile"
+    out.write_text("mine")
+    assert main(["pretrain", "--out", str(out), "--cache", str(cohort_cache), "--steps", "1",
+                 "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"gvsl-fast pretrain: error: --out {out} is a file; the run needs a folder")
+    assert out.read_text() == "mine"
+
+
+def test_resume_refuses_another_run(tmp_path, cohort_cache, capsys):
+    """Resuming under options that define another run, or into an --out whose later checkpoints
+    it would prune, is refused before anything is written; --resume auto with no checkpoint and
+    a --steps already reached say so."""
+    out = tmp_path / "run"
+    pretrain(_cfg(out, cohort_cache, steps=4, keep_last=2))
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"--resume \S*ckpt_00000004\.pt: its run used --lr "
+                       r"0\.0001, this command gives --lr 0\.5; resume with the run's options"):
+        pretrain(_cfg(out, cohort_cache, steps=6, resume="auto", lr=0.5))
+    with pytest.raises(ValueError, match="its run used --weights 1.0 1.0 1.0, this command "
+                       "gives --weights 1.0 2.0 1.0"):
+        pretrain(_cfg(out, cohort_cache, steps=6, resume="auto", weights=(1.0, 2.0, 1.0)))
+    with pytest.raises(RuntimeError, match=r"holds checkpoints after step 2 "
+                       r"\(ckpt_00000004\.pt\): resuming \S+ there would prune them"):
+        pretrain(_cfg(out, cohort_cache, steps=6, resume=str(out / "ckpt_00000002.pt")))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+    capsys.readouterr()
+    pretrain(_cfg(out, cohort_cache, steps=4, resume="auto"))
+    assert "at step 4; --steps 4 is reached, nothing to train" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    pretrain(_cfg(fresh, cohort_cache, steps=0, resume="auto"))
+    assert f"--resume auto: no checkpoint in {fresh} yet, starting at step 0" in (
+        capsys.readouterr().err)
+
+
 def test_a_failed_save_names_the_file_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     path = checkpoint.save({"step": 1}, tmp_path / "ckpt_00000001.pt")
     before = path.read_bytes()
@@ -266,8 +335,8 @@ def test_a_failed_save_names_the_file_and_keeps_the_last_checkpoint(tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt_00000002\.pt: could not write "
-                       r"the checkpoint \(OSError: \[Errno 28\] No space left on device\)"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"could not write \S*ckpt_00000002\.pt "
+                       r"\(OSError: \[Errno 28\] No space left on device\)"):
         checkpoint.save({"step": 2}, tmp_path / "ckpt_00000002.pt", keep_last=1)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
@@ -293,6 +362,15 @@ def test_export_and_info(tmp_path, cohort_cache, capsys):
         assert torch.equal(v, old.state_dict()[k]), k
     assert main(["export", str(tmp_path / "nope.pt"), str(tmp_path / "x.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    before = ckpt.read_bytes()
+    for target in (ckpt, tmp_path / "legacy.pt"):  # never over a training checkpoint
+        assert main(["export", str(ckpt), str(target)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"gvsl-fast export: error: OUT {target} is a training checkpoint; export writes a "
+            "new file and never replaces one")
+    assert ckpt.read_bytes() == before
+    assert main(["export", str(ckpt), str(tmp_path)]) == 2
+    assert f"OUT {tmp_path} is a folder" in capsys.readouterr().err
     assert main(["info"]) == 0
     assert "op backends" in capsys.readouterr().out
 
@@ -412,11 +490,14 @@ def test_apex_fused_adam_without_apex_is_one_clear_error(tmp_path, monkeypatch, 
     ("--lr", "0", "must be > 0, got 0"), ("--spacing", "-2", "must be > 0, got -2"),
     ("--steps", "-1", "must be >= 0, got -1"), ("--keep-last", "0", "must be >= 1, got 0"),
     ("--save-every", "0", "must be >= 1, got 0"), ("--workers", "two", "invalid int value"),
+    ("--spacing", "inf", "must be a finite number, got inf"),
+    ("--lr", "nan", "must be a finite number, got nan"), ("--seed", "-1", "must be >= 0, got -1"),
+    ("--weights", "nan 1 1", "must be a finite number, got nan"),
 ])
 def test_bad_numbers_are_refused_naming_the_option(tmp_path, capsys, option, value, says):
     """Refused by the parser (exit 2, one line naming the option) before anything runs."""
     with pytest.raises(SystemExit) as exc:
-        main(["pretrain", option, value, "--out", str(tmp_path / "run"),
+        main(["pretrain", option, *value.split(), "--out", str(tmp_path / "run"),
               "--cache", str(tmp_path / "cache")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -33,6 +33,17 @@ def is_nifti(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
+def require_folder(path: Path, what: str, missing_ok: bool = False) -> None:
+    """Raise one line naming ``path`` (``what``: "input folder", ...) unless it is a folder
+    (or, with ``missing_ok``, does not exist yet)."""
+    if path.is_dir():
+        return
+    if path.exists():
+        raise NotADirectoryError(f"{what} {path} is not a folder")
+    if not missing_ok:
+        raise FileNotFoundError(f"{what} {path} does not exist")
+
+
 def find_nifti(folder: Path) -> list[Path]:
     """All ``.nii``/``.nii.gz`` files under ``folder`` (recursively), sorted."""
     return sorted(p for p in Path(folder).rglob("*") if is_nifti(p))
@@ -207,7 +218,8 @@ def read_manifest(folder: Path) -> dict:
 
     Raises:
         FileNotFoundError: ``folder`` has no manifest.
-        ValueError: the manifest is not of this format, or lists no volumes or missing files.
+        ValueError: the manifest is not of this format, lists no volumes, or a listed ``.npy``
+            is missing, truncated or of another shape.
     """
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -227,4 +239,16 @@ def read_manifest(folder: Path) -> dict:
                              f"{entry!r}")
         if not (Path(folder) / entry["file"]).is_file():
             raise ValueError(f"{path}: listed volume {entry['file']} is missing")
+        _check_volume(Path(folder) / entry["file"], tuple(entry["shape"]))
     return manifest
+
+
+def _check_volume(npy: Path, shape: tuple[int, ...]) -> None:
+    """Raise ValueError naming ``npy`` unless it maps as an array of ``shape`` (the loaders would
+    fail later, with messages that name no file)."""
+    try:
+        found = np.load(npy, mmap_mode="r").shape      # the header only; no data is read
+    except (ValueError, EOFError) as exc:
+        raise ValueError(f"{npy}: damaged or truncated .npy ({exc})") from exc
+    if found != shape:
+        raise ValueError(f"{npy}: shape {found}, but {MANIFEST} says {shape}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gvsl_fast.cli import bounded
 from gvsl_fast.data import nifti
 
 
@@ -103,11 +105,12 @@ def preprocess(in_dir: Path, out_dir: Path, settings: Settings = Settings(), wor
     """Convert every NIfTI file under ``in_dir`` into ``out_dir`` and write the manifest.
 
     Raises:
-        FileNotFoundError: ``in_dir`` is not a folder, or holds no ``.nii``/``.nii.gz`` file.
+        FileNotFoundError: ``in_dir`` does not exist, or holds no ``.nii``/``.nii.gz`` file.
+        NotADirectoryError: ``in_dir`` or ``out_dir`` exists but is not a folder.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    if not in_dir.is_dir():
-        raise FileNotFoundError(f"input folder {in_dir} does not exist")
+    nifti.require_folder(in_dir, "input folder")
+    nifti.require_folder(out_dir, "output folder", missing_ok=True)
     sources = nifti.find_nifti(in_dir)
     if not sources:
         raise FileNotFoundError(f"no .nii or .nii.gz files found in {in_dir}")
@@ -166,14 +169,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("in_dir", type=Path, metavar="IN_DIR")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
-    p.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0],
-                   metavar=("SX", "SY", "SZ"), help="target voxel size in mm (default 1 1 1)")
+    p.add_argument("--spacing", type=bounded(float, 0, strict=True), nargs=3,
+                   default=[1.0, 1.0, 1.0], metavar=("SX", "SY", "SZ"),
+                   help="target voxel size in mm (default 1 1 1)")
     p.add_argument("--intensity", choices=nifti.INTENSITIES, default="mr",
                    help="ct: clip to [0, 2048] and / 2048; mr: min-max to [0, 1] (default mr)")
-    p.add_argument("--hu-offset", type=float, default=0.0,
+    p.add_argument("--hu-offset", type=bounded(float, -math.inf), default=0.0,  # any finite value
                    help="added before the CT clip; 1024 for Hounsfield units (default 0)")
     p.add_argument("--dtype", choices=nifti.DTYPES, default="float32")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--workers", type=bounded(int, 1), default=min(4, os.cpu_count() or 1))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -181,14 +185,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``preprocess`` subcommand; returns the exit status."""
-    if any(s <= 0 for s in args.spacing):
-        print(f"preprocess: --spacing must be positive, got {args.spacing}", file=sys.stderr)
-        return 2
     settings = Settings(tuple(args.spacing), args.intensity, args.hu_offset, args.dtype)
     try:
         summary = preprocess(args.in_dir, args.out_dir, settings, workers=args.workers,
                              progress=not args.no_progress)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError) as exc:
         print(f"preprocess: {exc}", file=sys.stderr)
         return 2
     print(summary.line())

@@ -145,9 +145,12 @@ class UNet3D(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the state_dict to ``path`` and its configuration to ``path`` + ``.json``."""
+        from gvsl_fast.train import checkpoint  # here, not above: the trainer imports the models
+
         path = Path(path)
-        torch.save(self.state_dict(), path)
-        path.with_suffix(path.suffix + ".json").write_text(json.dumps(self.config, indent=2))
+        state, config = self.state_dict(), json.dumps(self.config, indent=2).encode()
+        checkpoint.write_atomic(path, lambda f: torch.save(state, f))
+        checkpoint.write_atomic(path.with_suffix(path.suffix + ".json"), lambda f: f.write(config))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu",

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import tempfile
+import secrets
+import signal
+import threading
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -23,6 +28,11 @@ def checkpoint_path(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / f"ckpt_{step:08d}.pt"
 
 
+def step_of(path: Path) -> int:
+    """The step in a checkpoint's file name."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Checkpoints in ``out_dir``, oldest first."""
     out_dir = Path(out_dir)
@@ -31,29 +41,61 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.iterdir() if _NAME.match(p.name))
 
 
-def save(state: dict, path: Path, keep_last: int | None = None) -> Path:
-    """Write ``state`` to ``path`` atomically; then keep only the newest ``keep_last``."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file with ``write(f)`` so that ``path`` is either its old self or complete: a
+    temporary file beside it, fsync, rename, fsync of the folder. Ctrl-C meanwhile is held until
+    the file is in place (then raised), so an interrupted run keeps the file it was writing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with _hold_sigint():
+        # mode 0o666 less the umask, as any other file the run writes (mkstemp would give 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, Exception):  # a full disk, say: name the file; the old one stays
+                raise CheckpointError(f"could not write {path} ({type(e).__name__}: {e})") from e
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+@contextlib.contextmanager
+def _hold_sigint():
+    """Defer SIGINT (Ctrl-C) to the end of the block, then hand it to the handler it would have
+    met. Off the main thread (no handlers can be set there), or where SIGINT is ignored, nothing
+    changes."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None)):
+        yield
+        return
+    caught: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, Exception):  # a full disk, say: name the file; earlier ones are intact
-            raise CheckpointError(f"{path}: could not write the checkpoint "
-                                  f"({type(e).__name__}: {e})") from e
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        yield
     finally:
-        os.close(dir_fd)
+        signal.signal(signal.SIGINT, before)
+    if caught:
+        if callable(before):  # Python's default handler raises KeyboardInterrupt
+            before(signal.SIGINT, None)
+        else:  # SIG_DFL: the process would have ended
+            raise KeyboardInterrupt
+
+
+def save(state: dict, path: Path, keep_last: int | None = None) -> Path:
+    """Write ``state`` to ``path`` atomically; then keep only the newest ``keep_last``."""
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    path = write_atomic(path, lambda f: torch.save(payload, f))
     if keep_last:
         for old in list_checkpoints(path.parent)[:-keep_last]:
             old.unlink(missing_ok=True)

@@ -62,6 +62,8 @@ class TrainConfig:
         values["patch"] = tuple(values["patch"])
         values["weights"] = tuple(values["weights"])
         values["out"] = Path(values["out"])
+        if values["data"] is not None:  # absolute, so that a resume from elsewhere compares it
+            values["data"] = str(Path(values["data"]).expanduser().resolve())
         return TrainConfig(**values)
 
     def to_dict(self) -> dict:

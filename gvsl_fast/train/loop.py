@@ -155,7 +155,7 @@ class Trainer:
         cfg = self.cfg
         cache = Path(cfg.cache) if cfg.cache else default_cache()
         data_dir = prepare_dataset(cfg.data, cache, spacing=(cfg.spacing,) * 3,
-                                   intensity=cfg.intensity, seed=cfg.seed)
+                                   intensity=cfg.intensity, seed=cfg.seed, progress=cfg.progress)
         self.loader = make_loader(data_dir, patch=cfg.patch, batch_size=cfg.batch_size,
                                   seed=cfg.seed, kind=cfg.loader, device=self.device,
                                   rank=self.dist.rank, world_size=self.dist.world_size,
@@ -272,8 +272,28 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
 
-    def load_state(self, path: Path) -> None:
-        state = checkpoint.load(path, map_location=self.device)
+    def check_resume(self, path: Path, state: dict) -> None:
+        """Refuse to resume a checkpoint under options that define another run, or into an
+        ``--out`` whose later checkpoints the resumed run would prune (and whose history it
+        would cut), naming the option or the file."""
+        cfg, saved = self.cfg, state.get("config", {})
+        for key in RUN_OPTIONS:
+            if key in saved and _same(saved[key]) != _same(getattr(cfg, key)):
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(
+                    f"--resume {path}: its run used {flag} {_shown(saved[key])}, this command "
+                    f"gives {flag} {_shown(getattr(cfg, key))}; resume with the run's options, "
+                    "or start a new run in another --out")
+        step = int(state["step"])
+        later = [p for p in checkpoint.list_checkpoints(cfg.out) if checkpoint.step_of(p) > step]
+        if later:
+            raise RuntimeError(
+                f"--out {cfg.out} holds checkpoints after step {step} ({later[-1].name}): "
+                f"resuming {path} there would prune them and cut its history; move them away "
+                "or choose another --out")
+
+    def load_state(self, path: Path, state: dict) -> None:
+        """Continue from ``state``, a checkpoint read from ``path``."""
         weights = checkpoint.plain_keys(state["model"])
         checkpoint.check_model_state(path, self.model, weights)
         self.model.load_state_dict(weights)
@@ -301,16 +321,29 @@ class Trainer:
         """Train from the current (or resumed) step to ``cfg.steps``."""
         cfg, is_main = self.cfg, self.dist.is_main
         self.check_host_memory()
+        # the checkpoint is read and checked before any data is prepared or anything written
+        path = state = None
+        if cfg.resume is not None:
+            path = checkpoint.resolve_resume(cfg.resume, cfg.out)
+            if path is None:
+                if is_main:
+                    print(f"gvsl-fast: --resume auto: no checkpoint in {cfg.out} yet, starting "
+                          "at step 0", file=sys.stderr)
+            else:
+                state = checkpoint.load(path, map_location=self.device)
+                self.check_resume(path, state)
         if is_main:
+            if cfg.out.exists() and not cfg.out.is_dir():
+                raise ValueError(f"--out {cfg.out} is a file; the run needs a folder")
             cfg.out.mkdir(parents=True, exist_ok=True)
             _check_out_dir(cfg)
         self.open_data()
-        if cfg.resume is not None:
-            path = checkpoint.resolve_resume(cfg.resume, cfg.out)
-            if path is not None:
-                self.load_state(path)
-                if is_main:
-                    print(f"gvsl-fast: resumed from {path} at step {self.step}", file=sys.stderr)
+        if state is not None:
+            self.load_state(path, state)
+            if is_main:
+                print(f"gvsl-fast: resumed from {path} at step {self.step}"
+                      + ("" if self.step < cfg.steps else
+                         f"; --steps {cfg.steps} is reached, nothing to train"), file=sys.stderr)
         history = evaluation = None
         if is_main:
             tb_error = tensorboard_error()
@@ -333,7 +366,8 @@ class Trainer:
                 self.step += 1
                 losses = {k: getattr(out, k).item() for k in LOSSES}
                 if not all(math.isfinite(v) for v in losses.values()):
-                    raise FloatingPointError(f"non-finite loss at step {self.step}: {losses}")
+                    raise FloatingPointError(f"non-finite loss at step {self.step}: {losses}; "
+                                             "a lower --lr may help")
                 dt = time.perf_counter() - t0
                 pairs = cfg.batch_size * self.dist.world_size / dt
                 rate = pairs if rate is None else 0.9 * rate + 0.1 * pairs
@@ -380,6 +414,23 @@ def _eager():
     """A context in which compiled modules run eagerly (torch >= 2.6; nothing before)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+# Options that define a run: resuming under other values would silently train another run
+# (the optimizer keeps its learning rate; the checkpoint would record the new one).
+RUN_OPTIONS = ("data", "spacing", "intensity", "lr", "seed", "batch_size", "patch", "fusion",
+               "weights", "optimizer")
+
+
+def _same(value):
+    """A config value as compared on resume: lists and tuples alike."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _check_out_dir(cfg: TrainConfig) -> None:
