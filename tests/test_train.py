@@ -299,6 +299,11 @@ def test_an_out_that_is_a_file_is_one_clear_error(tmp_path, cohort_cache, capsys
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"gvsl-fast pretrain: error: --out {out} is a file; the run needs a folder")
     assert out.read_text() == "mine"
+    empty = tmp_path / "empty"  # data that fails: the run's new --out is not left behind
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no images in"):
+        pretrain(_cfg(tmp_path / "new" / "run", cohort_cache, data=str(empty)))
+    assert not (tmp_path / "new" / "run").exists()
 
 
 def test_resume_refuses_another_run(tmp_path, cohort_cache, capsys):

@@ -332,12 +332,19 @@ class Trainer:
             else:
                 state = checkpoint.load(path, map_location=self.device)
                 self.check_resume(path, state)
+        made = False
         if is_main:
             if cfg.out.exists() and not cfg.out.is_dir():
                 raise ValueError(f"--out {cfg.out} is a file; the run needs a folder")
-            cfg.out.mkdir(parents=True, exist_ok=True)
             _check_out_dir(cfg)
-        self.open_data()
+            made = not cfg.out.exists()
+            cfg.out.mkdir(parents=True, exist_ok=True)  # now: an unwritable --out fails early
+        try:
+            self.open_data()
+        except BaseException:
+            if is_main and made and not any(cfg.out.iterdir()):
+                cfg.out.rmdir()  # a run that never started leaves no empty folder behind
+            raise
         if state is not None:
             self.load_state(path, state)
             if is_main:
