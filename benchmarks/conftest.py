@@ -95,12 +95,16 @@ def kernel_breakdown(call: Callable[[], object], device, steps: int = 3,
 
 
 def record(benchmark, *, seconds: float, shape, dtype, backend: str, device, bytes_moved: int,
-           baselines: dict[str, float] | None = None, floor_seconds: float | None = None) -> None:
-    """Fill ``extra_info``: achieved GB/s and ratios ``baseline_time / this_time``."""
+           baselines: dict[str, float] | None = None, floor_seconds: float | None = None,
+           per: str = "call") -> None:
+    """Fill ``extra_info``: ``median_s_per_<per>`` (``seconds``, for one ``per``: the timed call,
+    or a sample or step of it), achieved GB/s (where ``bytes_moved`` counts) and ratios
+    ``baseline_time / seconds``."""
     info = benchmark.extra_info
     info.update(shape=list(shape), dtype=str(dtype).replace("torch.", ""), backend=backend,
-                device=device_name(device), bytes_moved=int(bytes_moved),
-                gbps=round(bytes_moved / seconds / 1e9, 2), median_s=seconds)
+                device=device_name(device), **{f"median_s_per_{per}": seconds})
+    if bytes_moved:
+        info.update(bytes_moved=int(bytes_moved), gbps=round(bytes_moved / seconds / 1e9, 2))
     if floor_seconds is not None:
         info["floor_s"] = floor_seconds
         info["x_of_floor"] = round(seconds / floor_seconds, 2)
@@ -109,11 +113,36 @@ def record(benchmark, *, seconds: float, shape, dtype, backend: str, device, byt
         info[f"speedup_vs_{name}"] = round(t / seconds, 2)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's table
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """The figures each benchmark recorded (GB/s, floor, speed-ups, memory), which pytest-benchmark
+    keeps in its JSON (--benchmark-json) but does not print."""
+    session = getattr(config, "_benchmarksession", None)
+    done = [b for b in getattr(session, "benchmarks", []) if b.extra_info]
+    if not done:
+        return
+    terminalreporter.section("gvsl-fast: recorded figures (benchmark.extra_info)")
+    for b in done:
+        figures = {k: v for k, v in b.extra_info.items()
+                   if k not in ("shape", "dtype", "device", "kernels", "bytes_moved")}
+        terminalreporter.write_line(f"{b.name}: " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
+
+
 def device_name(device) -> str:
     d = torch.device(device)
     if d.type == "cuda":
         return torch.cuda.get_device_name(d)
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@pytest.fixture
+def cpu_extension():
+    """Skips, saying why, where the CPU kernels (gvsl_fast._C) are not built."""
+    from gvsl_fast.ops import _backend
+
+    if _backend.extension_error():
+        pytest.skip(_backend.extension_error())
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import median_time, record, run_benchmark
 
-from benchmarks.conftest import median_time, record, run_benchmark
 from gvsl_fast.ops import affine_flow_warp, compose, warp
 from gvsl_fast.ops import reference as R
 
@@ -109,7 +109,7 @@ def _bench(benchmark, device, backend, op: str):
 
 
 @pytest.mark.parametrize("op", ["compose", "affine_flow_warp"])
-def test_bench_cpu(benchmark, op):
+def test_bench_cpu(benchmark, cpu_extension, op):
     _bench(benchmark, "cpu", "cpu", op)
 
 

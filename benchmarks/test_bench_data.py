@@ -72,7 +72,7 @@ def _appearance_case(benchmark, device):
     record(benchmark, seconds=per_sample, shape=x.shape, dtype=x.dtype,
            backend=f"appearance-{'triton' if x.is_cuda else 'cpu'}", device=device,
            bytes_moved=8 * VOXELS // BATCH,
-           baselines={"numpy_per_sample": _numpy_per_sample(x)})
+           baselines={"numpy_per_sample": _numpy_per_sample(x)}, per="sample")
     benchmark.extra_info["samples_per_s"] = round(1 / per_sample, 2)
 
 

@@ -56,7 +56,7 @@ def baselines(sets, device):
     return out
 
 
-def test_lncc_cpu(benchmark):
+def test_lncc_cpu(benchmark, cpu_extension):
     shape = (1, 1, 128, 128, 128)
     sets = input_sets(shape, "cpu", 1)
     base = baselines(sets, "cpu")
