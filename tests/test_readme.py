@@ -4,6 +4,8 @@ as given."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -30,3 +32,15 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert kernels["loss"].shape == () and kernels["out"].shape == size
     exec(compile(blocks[1], "README.md (fine-tuning)", "exec"), finetune)
     assert finetune["logits"].shape == (1, 3, *size[2:])
+
+
+def test_benchmark_suite_collects_from_any_folder(tmp_path):
+    """`pytest benchmarks/ --benchmark-only` (README, DESIGN) collects every benchmark when the
+    repository is not on sys.path, as with the plain `pytest` command: a benchmark importing
+    `benchmarks.conftest` once stopped the whole suite at collection."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", str(README.parent / "benchmarks"), "--benchmark-only",
+         "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^\d+ tests collected", done.stdout, re.M), done.stdout[-1000:]
