@@ -262,6 +262,15 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
 def test_ctrl_c_during_a_save_waits_for_the_file(tmp_path):
     """SIGINT while a file is written is raised once it is complete and in place, and the file
     gets the mode of any other file the run writes (the umask's, not mkstemp's 0600)."""
+    # Python's Ctrl-C handler, also where this test runs in the background (SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_during_a_save(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _ctrl_c_during_a_save(tmp_path):
     path = tmp_path / "ckpt_00000001.pt"
 
     def write(f):
