@@ -158,7 +158,6 @@ def run_export(args: argparse.Namespace) -> int:
         raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint} holds no backbone")
     backbone = UNet3D(cfg["in_channels"], tuple(cfg["down"]), tuple(cfg["up"]))
     weights = checkpoint.plain_keys(state["model"])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     if args.layout == "official":
         checkpoint.check_model_state(args.checkpoint, GVSL(backbone), weights)
         official_state = official.model_to_official(weights)

@@ -273,9 +273,8 @@ class Trainer:
         }
 
     def check_resume(self, path: Path, state: dict) -> None:
-        """Refuse to resume a checkpoint under options that define another run, or into an
-        ``--out`` whose later checkpoints the resumed run would prune (and whose history it
-        would cut), naming the option or the file."""
+        """Refuse to resume a checkpoint under options that define another run, naming the
+        option."""
         cfg, saved = self.cfg, state.get("config", {})
         for key in RUN_OPTIONS:
             if key in saved and _same(saved[key]) != _same(getattr(cfg, key)):
@@ -284,13 +283,6 @@ class Trainer:
                     f"--resume {path}: its run used {flag} {_shown(saved[key])}, this command "
                     f"gives {flag} {_shown(getattr(cfg, key))}; resume with the run's options, "
                     "or start a new run in another --out")
-        step = int(state["step"])
-        later = [p for p in checkpoint.list_checkpoints(cfg.out) if checkpoint.step_of(p) > step]
-        if later:
-            raise RuntimeError(
-                f"--out {cfg.out} holds checkpoints after step {step} ({later[-1].name}): "
-                f"resuming {path} there would prune them and cut its history; move them away "
-                "or choose another --out")
 
     def load_state(self, path: Path, state: dict) -> None:
         """Continue from ``state``, a checkpoint read from ``path``."""
@@ -322,7 +314,7 @@ class Trainer:
         cfg, is_main = self.cfg, self.dist.is_main
         self.check_host_memory()
         # the checkpoint is read and checked before any data is prepared or anything written
-        path = state = None
+        path = state = resumed = None
         if cfg.resume is not None:
             path = checkpoint.resolve_resume(cfg.resume, cfg.out)
             if path is None:
@@ -332,11 +324,10 @@ class Trainer:
             else:
                 state = checkpoint.load(path, map_location=self.device)
                 self.check_resume(path, state)
+                resumed = (path, int(state["step"]))
+        _check_out_dir(cfg, resumed)
         made = False
         if is_main:
-            if cfg.out.exists() and not cfg.out.is_dir():
-                raise ValueError(f"--out {cfg.out} is a file; the run needs a folder")
-            _check_out_dir(cfg)
             made = not cfg.out.exists()
             cfg.out.mkdir(parents=True, exist_ok=True)  # now: an unwritable --out fails early
         try:
@@ -440,13 +431,25 @@ def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _check_out_dir(cfg: TrainConfig) -> None:
-    """Refuse to start a fresh run over an existing one (its checkpoints would be pruned)."""
-    if cfg.resume is None and checkpoint.list_checkpoints(cfg.out):
+def _check_out_dir(cfg: TrainConfig, resumed: tuple[Path, int] | None) -> None:
+    """Refuse an --out that is a file, or that holds checkpoints after the step the run starts
+    from (``resumed``: the checkpoint and its step; None for a fresh run): keep-last would prune
+    them, and the run's history.csv would be cut."""
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise ValueError(f"--out {cfg.out} is a file; the run needs a folder")
+    start = resumed[1] if resumed else -1  # a fresh run: any checkpoint
+    later = [p for p in checkpoint.list_checkpoints(cfg.out) if checkpoint.step_of(p) > start]
+    if not later:
+        return
+    if resumed is None:
         raise RuntimeError(
             f"--out {cfg.out} already holds checkpoints of a run; pass --resume auto to continue "
             "it or choose another --out"
         )
+    raise RuntimeError(
+        f"--out {cfg.out} holds checkpoints after step {start} ({later[-1].name}): resuming "
+        f"{resumed[0]} there would prune them and cut its history; move them away or choose "
+        "another --out")
 
 
 def pretrain(cfg: TrainConfig) -> dict:
